@@ -1,0 +1,363 @@
+//! The `chapeau` command line: flags for the common case, or `--config vm.json`.
+
+use std::path::PathBuf;
+
+use clap::builder::PossibleValue;
+use clap::{Parser, ValueEnum};
+
+use crate::config::{
+    BootConfig, ConfigError, MachineConfig, PvmParams, SerialConfig, SettingNames, VmConfig,
+    DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS,
+};
+
+const LONG_ABOUT: &str = "\
+chapeau is a minimal KVM virtual machine monitor for Kata Containers. It boots a Linux guest \
+kernel directly (ELF vmlinux or bzImage) with only the devices Kata needs, and confines each of \
+its threads with its own seccomp filter.
+
+Describe the VM with flags, or with --config FILE: a JSON file in the same schema the REST API \
+accepts. The guest's serial console goes where --serial says; chapeau's own log goes to stderr.";
+
+/// Flags that describe the VM; `--config` replaces all of them.
+const VM_FLAGS: [&str; 7] = [
+    "kernel",
+    "initrd",
+    "cmdline",
+    "cpus",
+    "memory",
+    "serial",
+    "pvm_params",
+];
+
+#[derive(Debug, Clone, PartialEq, Parser)]
+#[command(name = "chapeau", version, about = "A minimal KVM VMM for Kata Containers", long_about = LONG_ABOUT)]
+pub struct Cli {
+    /// Guest kernel to boot, an ELF vmlinux or a bzImage. Required unless --config is given.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+
+    /// Initial ramdisk loaded into guest memory for the kernel to unpack. By default there is none.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+
+    /// Guest kernel command line, shorter than 2048 bytes.
+    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
+    pub cmdline: String,
+
+    /// Number of vCPUs, from 1 to 254.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_VCPUS)]
+    pub cpus: u8,
+
+    /// Guest RAM in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MEMORY_MIB)]
+    pub memory: u64,
+
+    /// Where the guest's first serial port (COM1, ttyS0) goes: stdout, file=PATH, or off to
+    /// discard it.
+    #[arg(long, value_name = "stdout|file=PATH|off", default_value_t = SerialConfig::Stdout)]
+    pub serial: SerialConfig,
+
+    /// Appends the guest kernel parameters a PVM host needs (PVM emulates guest kernel mode and
+    /// cannot run some instructions there); auto = when /sys/module/kvm_pvm exists.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = PvmParams::Auto)]
+    pub pvm_params: PvmParams,
+
+    /// Read the whole VM description from a JSON file instead of the flags above.
+    #[arg(long, value_name = "FILE", conflicts_with_all = VM_FLAGS)]
+    pub config: Option<PathBuf>,
+
+    /// How much chapeau logs to stderr.
+    #[arg(long, value_enum, value_name = "LEVEL", default_value_t = LogLevel::Warn)]
+    pub log_level: LogLevel,
+}
+
+/// Names validation errors after the flags, since that is what the user typed.
+const FLAG_NAMES: SettingNames = SettingNames {
+    vcpus: "--cpus",
+    memory: "--memory",
+    kernel: "--kernel",
+    initrd: "--initrd",
+    cmdline: "--cmdline",
+    serial: "--serial",
+};
+
+impl Cli {
+    /// The validated VM configuration, from `--config` or from the flags.
+    pub fn vm_config(&self) -> Result<VmConfig, ConfigError> {
+        if let Some(path) = &self.config {
+            return VmConfig::from_file(path);
+        }
+        let kernel = self.kernel.clone().ok_or(ConfigError::MissingKernel)?;
+        let config = VmConfig {
+            machine: MachineConfig {
+                vcpus: self.cpus,
+                memory_mib: self.memory,
+            },
+            boot: BootConfig {
+                kernel,
+                initrd: self.initrd.clone(),
+                cmdline: self.cmdline.clone(),
+                pvm_params: self.pvm_params,
+            },
+            serial: self.serial.clone(),
+        };
+        config.validate_named(&FLAG_NAMES)?;
+        Ok(config)
+    }
+}
+
+/// `--log-level`. The vmm maps it onto its logger; this crate stays free of `log`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, ValueEnum)]
+pub enum LogLevel {
+    Error,
+    #[default]
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+}
+
+// Implemented here rather than derived in `config` so the schema types do not depend on clap.
+impl ValueEnum for PvmParams {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[PvmParams::Auto, PvmParams::On, PvmParams::Off]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        let help = match self {
+            PvmParams::Auto => "append them when /sys/module/kvm_pvm exists",
+            PvmParams::On => "always append them",
+            PvmParams::Off => "never append them",
+        };
+        Some(PossibleValue::new(self.as_str()).help(help))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("chapeau").chain(args.iter().copied()))
+    }
+
+    fn config_of(args: &[&str]) -> Result<VmConfig, ConfigError> {
+        parse(args).unwrap().vm_config()
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_build_config() {
+        let config = config_of(&[
+            "--kernel",
+            "/guest/vmlinux",
+            "--initrd",
+            "/guest/initramfs.cpio.gz",
+            "--cmdline",
+            "console=ttyS0 quiet",
+            "--cpus",
+            "2",
+            "--memory",
+            "512",
+            "--serial",
+            "file=/tmp/console.log",
+            "--pvm-params",
+            "off",
+        ])
+        .unwrap();
+        assert_eq!(
+            config,
+            VmConfig {
+                machine: MachineConfig {
+                    vcpus: 2,
+                    memory_mib: 512
+                },
+                boot: BootConfig {
+                    kernel: "/guest/vmlinux".into(),
+                    initrd: Some("/guest/initramfs.cpio.gz".into()),
+                    cmdline: "console=ttyS0 quiet".into(),
+                    pvm_params: PvmParams::Off,
+                },
+                serial: SerialConfig::File("/tmp/console.log".into()),
+            }
+        );
+    }
+
+    #[test]
+    fn flag_defaults_match_json_defaults() {
+        let cli = parse(&["--kernel", "/k"]).unwrap();
+        assert_eq!(cli.log_level, LogLevel::Warn);
+        assert_eq!(
+            cli.vm_config().unwrap(),
+            VmConfig::from_json(r#"{"boot":{"kernel":"/k"}}"#).unwrap()
+        );
+    }
+
+    #[test]
+    fn missing_kernel_is_precise() {
+        let err = config_of(&["--cpus", "2"]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "no guest kernel given: pass --kernel PATH or --config FILE"
+        );
+    }
+
+    #[test]
+    fn config_conflicts_with_vm_flags() {
+        for flag in [
+            &["--kernel", "/k"][..],
+            &["--initrd", "/i"],
+            &["--cmdline", "quiet"],
+            &["--cpus", "2"],
+            &["--memory", "512"],
+            &["--serial", "off"],
+            &["--pvm-params", "on"],
+        ] {
+            let mut args = vec!["--config", "vm.json"];
+            args.extend_from_slice(flag);
+            let err = parse(&args).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::ArgumentConflict, "{flag:?}");
+        }
+        // --log-level is about chapeau, not the VM, so it combines with --config.
+        let cli = parse(&["--config", "vm.json", "--log-level", "debug"]).unwrap();
+        assert_eq!(cli.log_level.as_str(), "debug");
+    }
+
+    #[test]
+    fn config_file_is_read() {
+        let path =
+            std::env::temp_dir().join(format!("chapeau-cli-test-{}.json", std::process::id()));
+        std::fs::write(
+            &path,
+            r#"{"machine":{"vcpus":2},"boot":{"kernel":"/k"},"serial":"off"}"#,
+        )
+        .unwrap();
+        let config = config_of(&["--config", path.to_str().unwrap()]);
+        std::fs::remove_file(&path).unwrap();
+        let config = config.unwrap();
+        assert_eq!(config.machine.vcpus, 2);
+        assert_eq!(config.serial, SerialConfig::Off);
+
+        let err = config_of(&["--config", "/nonexistent/vm.json"]).unwrap_err();
+        assert!(err
+            .to_string()
+            .starts_with("cannot read config file /nonexistent/vm.json: "));
+    }
+
+    #[test]
+    fn serial_flag_forms() {
+        let serial = |v: &str| parse(&["--kernel", "/k", "--serial", v]).map(|c| c.serial);
+        assert_eq!(serial("stdout").unwrap(), SerialConfig::Stdout);
+        assert_eq!(serial("off").unwrap(), SerialConfig::Off);
+        assert_eq!(
+            serial("file=/tmp/s.log").unwrap(),
+            SerialConfig::File("/tmp/s.log".into())
+        );
+        let err = serial("file=").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ValueValidation);
+        assert!(err.to_string().contains("file= needs a path"), "{err}");
+        let err = serial("pty").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("expected stdout, off or file=PATH"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_values_are_named_after_flags() {
+        let msg = |args: &[&str]| config_of(args).unwrap_err().to_string();
+        assert_eq!(
+            msg(&["--kernel", "/k", "--cpus", "0"]),
+            "invalid --cpus 0: a VM needs at least 1 vCPU"
+        );
+        assert_eq!(
+            msg(&["--kernel", "/k", "--cpus", "255"]),
+            "invalid --cpus 255: at most 254 vCPUs are supported"
+        );
+        assert_eq!(
+            msg(&["--kernel", "/k", "--memory", "0"]),
+            "invalid --memory 0: a VM needs at least 1 MiB of memory"
+        );
+        let long = "x".repeat(3000);
+        assert!(msg(&["--kernel", "/k", "--cmdline", &long]).starts_with("invalid --cmdline"));
+        // Out of u8's range is caught by clap itself.
+        assert_eq!(
+            parse(&["--kernel", "/k", "--cpus", "256"])
+                .unwrap_err()
+                .kind(),
+            ErrorKind::ValueValidation
+        );
+    }
+
+    #[test]
+    fn pvm_params_and_log_level_values() {
+        let pvm = |v: &str| parse(&["--kernel", "/k", "--pvm-params", v]).map(|c| c.pvm_params);
+        assert_eq!(pvm("auto").unwrap(), PvmParams::Auto);
+        assert_eq!(pvm("on").unwrap(), PvmParams::On);
+        assert_eq!(pvm("off").unwrap(), PvmParams::Off);
+        assert_eq!(pvm("maybe").unwrap_err().kind(), ErrorKind::InvalidValue);
+
+        for level in [
+            LogLevel::Error,
+            LogLevel::Warn,
+            LogLevel::Info,
+            LogLevel::Debug,
+            LogLevel::Trace,
+        ] {
+            let cli = parse(&["--kernel", "/k", "--log-level", level.as_str()]).unwrap();
+            assert_eq!(cli.log_level, level);
+        }
+        assert!(parse(&["--kernel", "/k", "--log-level", "loud"]).is_err());
+    }
+
+    #[test]
+    fn help_documents_every_flag_and_default() {
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("Kata Containers"), "{help}");
+        for flag in [
+            "--kernel",
+            "--initrd",
+            "--cmdline",
+            "--cpus",
+            "--memory",
+            "--serial",
+            "--pvm-params",
+            "--config",
+            "--log-level",
+        ] {
+            assert!(help.contains(flag), "{flag} missing from --help");
+        }
+        for default in [
+            "[default: \"console=ttyS0 reboot=k panic=1\"]",
+            "[default: 1]",
+            "[default: 256]",
+            "[default: stdout]",
+            "[default: auto]",
+            "[default: warn]",
+        ] {
+            assert!(
+                help.contains(default),
+                "{default} missing from --help:\n{help}"
+            );
+        }
+    }
+}

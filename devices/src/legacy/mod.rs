@@ -1,0 +1,9 @@
+//! Legacy PC devices that a Kata guest still touches.
+
+mod acpi_power;
+mod i8042;
+mod serial;
+
+pub use acpi_power::AcpiPowerDevice;
+pub use i8042::I8042;
+pub use serial::{EventFdTrigger, Serial};

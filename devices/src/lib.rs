@@ -1,0 +1,10 @@
+//! Devices of the chapeau VMM: the buses vCPU exits are dispatched on, and the devices on them.
+//! Nothing here knows about KVM or the API: interrupts leave through `EventFd`s the VMM wires to
+//! irqfds, and requests to end the VM leave through an [`ExitNotifier`].
+
+pub mod bus;
+pub mod exit;
+pub mod legacy;
+
+pub use bus::{Bus, BusDevice, BusError};
+pub use exit::{ExitNotifier, ExitReason};

@@ -1,0 +1,273 @@
+//! Harness for integration tests that boot real guests with the `chapeau` binary.
+//!
+//! Guest boots are slow where guest kernel mode is emulated (PVM hosts: ~80 s to the test
+//! guest's init), so tests boot once per scenario, check several things per boot, and take
+//! their timeouts from `boot_timeout()`.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The command line every test guest starts from.
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Where the guest artifacts are: `CHAPEAU_GUEST_DIR`, else `../shared/guest` beside the repo.
+pub fn guest_dir() -> PathBuf {
+    std::env::var_os("CHAPEAU_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("../shared/guest"))
+}
+
+pub fn guest_file(name: &str) -> PathBuf {
+    let path = guest_dir().join(name);
+    assert!(
+        path.exists(),
+        "guest artifact {} is missing (set CHAPEAU_GUEST_DIR)",
+        path.display()
+    );
+    path
+}
+
+pub fn scratch_dir() -> PathBuf {
+    let dir = workspace_root().join("target/chapeau-tests");
+    std::fs::create_dir_all(&dir).expect("create target/chapeau-tests");
+    dir
+}
+
+/// The test initramfs, uncompressed: on a PVM host gunzip in the guest costs about a minute.
+pub fn initramfs() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let plain = guest_dir().join("initramfs.cpio");
+        if plain.exists() {
+            return plain;
+        }
+        let out = scratch_dir().join("initramfs.cpio");
+        let gz = guest_file("initramfs.cpio.gz");
+        let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+        let data = Command::new("gzip")
+            .arg("-dc")
+            .arg(&gz)
+            .output()
+            .expect("run gzip");
+        assert!(data.status.success(), "gzip -dc {} failed", gz.display());
+        std::fs::write(&tmp, data.stdout).expect("write initramfs.cpio");
+        std::fs::rename(&tmp, &out).expect("rename initramfs.cpio");
+        out
+    })
+    .clone()
+}
+
+pub fn is_pvm_host() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// How long a boot may take before a test gives up. Measured on PVM hosts: ~80 s for the test
+/// guest to reach init with 1 vCPU, alone on the machine; tests run two guests at a time on two
+/// cores, so allow 5x. Hardware KVM boots in well under a second. `CHAPEAU_BOOT_TIMEOUT` (s)
+/// overrides.
+pub fn boot_timeout() -> Duration {
+    let default = if is_pvm_host() { 400 } else { 60 };
+    let secs = std::env::var("CHAPEAU_BOOT_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default);
+    Duration::from_secs(secs)
+}
+
+/// The `chapeau` built with this package. Cargo builds a package's binaries before its
+/// integration tests and puts them one level above the test executables (target/<profile>/);
+/// `CHAPEAU_BIN` overrides.
+pub fn chapeau_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("CHAPEAU_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("current test executable");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let bin = profile_dir.join("chapeau");
+    assert!(
+        bin.exists(),
+        "{} not built (run the tests with cargo test)",
+        bin.display()
+    );
+    bin
+}
+
+#[derive(Default)]
+struct Output {
+    stdout: Vec<String>,
+    stderr: Vec<String>,
+}
+
+/// A running `chapeau` whose stdout and stderr are collected line by line.
+pub struct Vm {
+    child: Child,
+    output: Arc<(Mutex<Output>, Condvar)>,
+    status: Option<ExitStatus>,
+}
+
+fn collect<R: Read + Send + 'static>(
+    stream: R,
+    output: Arc<(Mutex<Output>, Condvar)>,
+    is_stderr: bool,
+) {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stream);
+        let mut line = Vec::new();
+        while reader
+            .read_until(b'\n', &mut line)
+            .map(|n| n > 0)
+            .unwrap_or(false)
+        {
+            let text = String::from_utf8_lossy(&line)
+                .trim_end_matches(['\r', '\n'])
+                .to_string();
+            line.clear();
+            let (lock, cond) = &*output;
+            let mut out = lock.lock().unwrap();
+            if is_stderr {
+                out.stderr.push(text);
+            } else {
+                out.stdout.push(text);
+            }
+            cond.notify_all();
+        }
+    });
+}
+
+impl Vm {
+    /// Starts `chapeau` with `args` (stdin is /dev/null).
+    pub fn start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Vm {
+        Self::start_command(Command::new(chapeau_bin()).args(args))
+    }
+
+    pub fn start_command(command: &mut Command) -> Vm {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn chapeau");
+        let output = Arc::new((Mutex::new(Output::default()), Condvar::new()));
+        collect(child.stdout.take().expect("stdout"), output.clone(), false);
+        collect(child.stderr.take().expect("stderr"), output.clone(), true);
+        Vm {
+            child,
+            output,
+            status: None,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for a line containing `needle` on stdout (or stderr); returns the line, or panics
+    /// with everything seen so far.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
+        self.wait_for_in(needle, timeout, false)
+    }
+
+    pub fn wait_for_stderr(&mut self, needle: &str, timeout: Duration) -> String {
+        self.wait_for_in(needle, timeout, true)
+    }
+
+    fn wait_for_in(&mut self, needle: &str, timeout: Duration, stderr: bool) -> String {
+        let deadline = Instant::now() + timeout;
+        let (lock, cond) = &*self.output;
+        let mut out = lock.lock().unwrap();
+        loop {
+            let lines = if stderr { &out.stderr } else { &out.stdout };
+            if let Some(line) = lines.iter().find(|l| l.contains(needle)) {
+                return line.clone();
+            }
+            let now = Instant::now();
+            let exited = self.child.try_wait().ok().flatten();
+            if now >= deadline || exited.is_some() {
+                drop(out);
+                // Give the reader threads a moment to drain what the process wrote last.
+                std::thread::sleep(Duration::from_millis(200));
+                let out = lock.lock().unwrap();
+                let lines = if stderr { &out.stderr } else { &out.stdout };
+                if let Some(line) = lines.iter().find(|l| l.contains(needle)) {
+                    return line.clone();
+                }
+                panic!(
+                    "`{needle}` not seen after {:?} (exit: {exited:?})\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                    timeout,
+                    out.stdout.join("\n"),
+                    out.stderr.join("\n")
+                );
+            }
+            out = cond
+                .wait_timeout(out, (deadline - now).min(Duration::from_millis(500)))
+                .unwrap()
+                .0;
+        }
+    }
+
+    pub fn stdout(&self) -> String {
+        self.output.0.lock().unwrap().stdout.join("\n")
+    }
+
+    pub fn stderr(&self) -> String {
+        self.output.0.lock().unwrap().stderr.join("\n")
+    }
+
+    /// Waits for the process to exit; panics with its output if it does not in time.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for chapeau") {
+                self.status = Some(status);
+                std::thread::sleep(Duration::from_millis(100));
+                return status;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "chapeau still running after {timeout:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs `chapeau` to completion for inputs that must be refused before any guest runs.
+pub fn run_to_exit<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (ExitStatus, String, String) {
+    let out = Command::new(chapeau_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run chapeau");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -1,0 +1,128 @@
+//! Bad input is refused with one precise line on stderr and a non-zero exit, before any guest
+//! runs; never a panic.
+
+use std::process::{Command, Stdio};
+
+use tests::{chapeau_bin, guest_file, run_to_exit, scratch_dir};
+
+fn assert_refused(args: &[&str], expected: &str) {
+    let (status, _stdout, stderr) = run_to_exit(args);
+    assert!(!status.success(), "{args:?} was accepted");
+    assert!(
+        status.code().is_some(),
+        "{args:?} died of a signal: {status:?}"
+    );
+    assert!(
+        stderr.contains(expected),
+        "{args:?}: expected `{expected}` in:\n{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{args:?} panicked:\n{stderr}");
+    let lines = stderr.lines().filter(|l| !l.trim().is_empty()).count();
+    assert!(
+        lines <= 2,
+        "{args:?}: expected one clear line, got:\n{stderr}"
+    );
+}
+
+fn kernel() -> String {
+    guest_file("vmlinux").display().to_string()
+}
+
+#[test]
+fn missing_kernel_file() {
+    assert_refused(
+        &["--kernel", "/nonexistent/vmlinux"],
+        "/nonexistent/vmlinux",
+    );
+}
+
+#[test]
+fn kernel_that_is_a_directory_or_garbage() {
+    assert_refused(&["--kernel", "/tmp"], "/tmp");
+    let junk = scratch_dir().join("not-a-kernel");
+    std::fs::write(&junk, vec![0x42u8; 8192]).unwrap();
+    assert_refused(
+        &["--kernel", junk.to_str().unwrap()],
+        "neither an ELF vmlinux nor a bzImage",
+    );
+}
+
+#[test]
+fn initrd_larger_than_memory() {
+    let image = guest_file("kata-rootfs.img").display().to_string();
+    assert_refused(
+        &["--kernel", &kernel(), "--initrd", &image, "--memory", "48"],
+        "give the VM more --memory",
+    );
+}
+
+#[test]
+fn zero_cpus_or_memory() {
+    assert_refused(&["--kernel", &kernel(), "--cpus", "0"], "--cpus");
+    assert_refused(&["--kernel", &kernel(), "--memory", "0"], "--memory");
+}
+
+#[test]
+fn more_memory_than_the_host() {
+    assert_refused(
+        &["--kernel", &kernel(), "--memory", "900000000"],
+        "more than this host has",
+    );
+}
+
+#[test]
+fn no_kernel_at_all() {
+    assert_refused(&[], "--kernel");
+}
+
+#[test]
+fn unknown_json_field() {
+    let config = scratch_dir().join("unknown-field.json");
+    std::fs::write(
+        &config,
+        format!(
+            r#"{{"boot": {{"kernel": "{}", "initrd_path": "/x"}}}}"#,
+            kernel()
+        ),
+    )
+    .unwrap();
+    assert_refused(&["--config", config.to_str().unwrap()], "initrd_path");
+}
+
+#[test]
+fn kvm_device_missing() {
+    // A private mount namespace in which /dev is an empty tmpfs: /dev/kvm is gone for chapeau
+    // only. Needs root and unshare(1), which CI has.
+    let script = format!(
+        "mount -t tmpfs none /dev && exec {} --kernel {}",
+        chapeau_bin().display(),
+        kernel()
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run unshare");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("/dev/kvm does not exist"), "{stderr}");
+}
+
+#[test]
+fn help_documents_every_flag() {
+    let (status, stdout, _) = run_to_exit(&["--help"]);
+    assert!(status.success());
+    for flag in [
+        "--kernel",
+        "--initrd",
+        "--cmdline",
+        "--cpus",
+        "--memory",
+        "--serial",
+        "--config",
+        "--log-level",
+        "--pvm-params",
+    ] {
+        assert!(stdout.contains(flag), "--help does not mention {flag}");
+    }
+}

@@ -1,0 +1,3 @@
+//! Architecture support. chapeau is x86_64 only.
+
+pub mod x86_64;

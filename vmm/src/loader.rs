@@ -1,0 +1,265 @@
+//! Loading the kernel (ELF vmlinux or bzImage, through linux-loader), the initrd and the command
+//! line into guest memory.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use linux_loader::cmdline::Cmdline;
+use linux_loader::loader::bootparam::setup_header;
+use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::arch::x86_64::layout;
+
+const ELF_MAGIC: [u8; 4] = *b"\x7fELF";
+const BZIMAGE_HDR_OFFSET: u64 = 0x202;
+const BZIMAGE_HDR_MAGIC: [u8; 4] = *b"HdrS";
+/// The 64-bit entry point sits 0x200 bytes into the protected-mode part of a bzImage.
+const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
+/// xloadflags bit: the kernel has the 64-bit entry point at +0x200.
+const XLF_KERNEL_64: u16 = 1 << 0;
+/// For kernels without a setup header: the boot protocol's default initrd ceiling.
+const DEFAULT_INITRD_ADDR_MAX: u64 = 0x7fff_ffff;
+const PAGE_SIZE: u64 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot open {what} {path}: {source}")]
+    Open {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read kernel {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("kernel {0} is neither an ELF vmlinux nor a bzImage")]
+    UnknownFormat(PathBuf),
+    #[error("kernel {path}: {source}")]
+    Loader {
+        path: PathBuf,
+        source: linux_loader::loader::Error,
+    },
+    #[error("kernel {0} is a bzImage without a 64-bit entry point")]
+    No64BitEntry(PathBuf),
+    #[error("initrd {path} is {size} bytes, but only {room} bytes of guest memory are free above the kernel: give the VM more --memory")]
+    InitrdTooLarge { path: PathBuf, size: u64, room: u64 },
+    #[error("cannot copy initrd {path} into guest memory: {source}")]
+    InitrdCopy {
+        path: PathBuf,
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("invalid kernel command line: {0}")]
+    Cmdline(String),
+}
+
+pub struct LoadedKernel {
+    /// Where the 64-bit entry point is.
+    pub entry: GuestAddress,
+    /// First byte after the kernel image.
+    pub end: GuestAddress,
+    /// A bzImage's setup header, for the zero page.
+    pub setup_header: Option<setup_header>,
+}
+
+fn open(what: &'static str, path: &Path) -> Result<File, LoadError> {
+    File::open(path).map_err(|source| LoadError::Open {
+        what,
+        path: path.into(),
+        source,
+    })
+}
+
+enum KernelFormat {
+    Elf,
+    BzImage,
+}
+
+fn detect_format(file: &mut File, path: &Path) -> Result<KernelFormat, LoadError> {
+    let read_error = |source| LoadError::Read {
+        path: path.into(),
+        source,
+    };
+    let mut magic = [0u8; 4];
+    file.read_exact(&mut magic).map_err(read_error)?;
+    if magic == ELF_MAGIC {
+        return Ok(KernelFormat::Elf);
+    }
+    file.seek(SeekFrom::Start(BZIMAGE_HDR_OFFSET))
+        .map_err(read_error)?;
+    match file.read_exact(&mut magic) {
+        Ok(()) if magic == BZIMAGE_HDR_MAGIC => Ok(KernelFormat::BzImage),
+        Ok(()) => Err(LoadError::UnknownFormat(path.into())),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err(LoadError::UnknownFormat(path.into()))
+        }
+        Err(e) => Err(read_error(e)),
+    }
+}
+
+pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, LoadError> {
+    let mut file = open("kernel", path)?;
+    if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
+        return Err(LoadError::UnknownFormat(path.into()));
+    }
+    let format = detect_format(&mut file, path)?;
+    let loader_error = |source| LoadError::Loader {
+        path: path.into(),
+        source,
+    };
+    let himem = Some(GuestAddress(layout::HIMEM_START));
+    match format {
+        KernelFormat::Elf => {
+            let result = Elf::load(mem, None, &mut file, himem).map_err(loader_error)?;
+            Ok(LoadedKernel {
+                entry: result.kernel_load,
+                end: GuestAddress(result.kernel_end),
+                setup_header: None,
+            })
+        }
+        KernelFormat::BzImage => {
+            let result = BzImage::load(mem, None, &mut file, himem).map_err(loader_error)?;
+            let header = result
+                .setup_header
+                .ok_or_else(|| LoadError::No64BitEntry(path.into()))?;
+            if header.xloadflags & XLF_KERNEL_64 == 0 {
+                return Err(LoadError::No64BitEntry(path.into()));
+            }
+            Ok(LoadedKernel {
+                entry: result.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET),
+                end: GuestAddress(result.kernel_end),
+                setup_header: Some(header),
+            })
+        }
+    }
+}
+
+/// Where an initrd of `size` bytes goes: as high as possible in low RAM (below the kernel's
+/// `initrd_addr_max`), page aligned, above the kernel.
+pub fn initrd_address(
+    size: u64,
+    kernel_end: GuestAddress,
+    low_ram_end: u64,
+    initrd_addr_max: u64,
+) -> Option<GuestAddress> {
+    let ceiling = low_ram_end.min(initrd_addr_max.saturating_add(1));
+    let start = ceiling.checked_sub(size)? & !(PAGE_SIZE - 1);
+    (start >= kernel_end.0).then_some(GuestAddress(start))
+}
+
+pub fn load_initrd(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    kernel: &LoadedKernel,
+) -> Result<(GuestAddress, u64), LoadError> {
+    let mut file = open("initrd", path)?;
+    let size = file
+        .metadata()
+        .map_err(|source| LoadError::Open {
+            what: "initrd",
+            path: path.into(),
+            source,
+        })?
+        .len();
+    let low_ram_end = mem.last_addr().0.min(layout::MMIO_HOLE_START - 1) + 1;
+    let addr_max = kernel
+        .setup_header
+        .map_or(DEFAULT_INITRD_ADDR_MAX, |h| u64::from(h.initrd_addr_max));
+    let addr = initrd_address(size, kernel.end, low_ram_end, addr_max).ok_or_else(|| {
+        LoadError::InitrdTooLarge {
+            path: path.into(),
+            size,
+            room: low_ram_end.saturating_sub(kernel.end.0),
+        }
+    })?;
+    mem.read_exact_volatile_from(addr, &mut file, size as usize)
+        .map_err(|source| LoadError::InitrdCopy {
+            path: path.into(),
+            source,
+        })?;
+    Ok((addr, size))
+}
+
+/// Writes the command line; returns its length in bytes (without the NUL).
+pub fn load_kernel_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<usize, LoadError> {
+    let mut line =
+        Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(|e| LoadError::Cmdline(e.to_string()))?;
+    line.insert_str(cmdline)
+        .map_err(|e| LoadError::Cmdline(e.to_string()))?;
+    load_cmdline(mem, GuestAddress(layout::CMDLINE_ADDR), &line)
+        .map_err(|e| LoadError::Cmdline(e.to_string()))?;
+    Ok(cmdline.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn initrd_goes_to_the_top_of_low_ram_page_aligned() {
+        let addr = initrd_address(
+            0x1800,
+            GuestAddress(0x200_0000),
+            0x1000_0000,
+            DEFAULT_INITRD_ADDR_MAX,
+        );
+        assert_eq!(addr, Some(GuestAddress(0x1000_0000 - 0x2000)));
+    }
+
+    #[test]
+    fn initrd_respects_the_kernels_ceiling() {
+        let addr = initrd_address(0x1000, GuestAddress(0x200_0000), 0xc000_0000, 0x7fff_ffff);
+        assert_eq!(addr, Some(GuestAddress(0x8000_0000 - 0x1000)));
+    }
+
+    #[test]
+    fn initrd_that_would_overlap_the_kernel_does_not_fit() {
+        assert_eq!(
+            initrd_address(0x10_0000, GuestAddress(0x3f0_0000), 0x400_0000, u64::MAX),
+            None
+        );
+        assert_eq!(
+            initrd_address(u64::MAX, GuestAddress(0), 0x400_0000, u64::MAX),
+            None
+        );
+    }
+
+    #[test]
+    fn garbage_is_not_a_kernel() {
+        let dir = std::env::temp_dir().join(format!("chapeau-loader-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        for (name, bytes) in [("short", vec![1u8, 2]), ("zeros", vec![0u8; 4096])] {
+            let path = dir.join(name);
+            std::fs::write(&path, bytes).unwrap();
+            assert!(
+                matches!(load_kernel(&mem, &path), Err(LoadError::UnknownFormat(_))),
+                "{name}"
+            );
+        }
+        assert!(matches!(
+            load_kernel(&mem, &dir.join("absent")),
+            Err(LoadError::Open { .. })
+        ));
+        assert!(matches!(
+            load_kernel(&mem, &dir),
+            Err(LoadError::UnknownFormat(_))
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn cmdline_lands_nul_terminated() {
+        use vm_memory::Bytes;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let len = load_kernel_cmdline(&mem, "console=ttyS0 panic=1").unwrap();
+        let mut buf = vec![0u8; len + 1];
+        mem.read_slice(&mut buf, GuestAddress(layout::CMDLINE_ADDR))
+            .unwrap();
+        assert_eq!(&buf, b"console=ttyS0 panic=1\0");
+        assert!(load_kernel_cmdline(&mem, &"x".repeat(4096)).is_err());
+    }
+}

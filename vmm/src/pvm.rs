@@ -1,0 +1,74 @@
+//! PVM hosts: KVM's software vendor for hosts without VT-x/AMD-V. Guest kernel mode is emulated
+//! there, the emulator cannot execute some instructions, and KVM_SET_CPUID2 does not reach the
+//! guest, so the only way to keep the guest kernel away from those instructions is its command
+//! line. These are the parameters the test guest's README measured (`pvm-cmdline`).
+
+use std::path::Path;
+
+const PVM_MODULE: &str = "/sys/module/kvm_pvm";
+
+/// Required: each avoids an instruction the emulator cannot run (XSAVE/XRSTOR, CMPXCHG16B,
+/// RDTSCP, RDPID, POPCNT, CLAC/STAC, CLWB, INVPCID) or, with `pvm_syscall`, lets a patched guest
+/// take `syscall` through its page-fault handler. `erms,fsrm` are speed-ups in the same list
+/// because only the last `clearcpuid=` counts: string copies use 8-byte `rep movsq`.
+const CLEARCPUID: [&str; 11] = [
+    "cx16", "rdtscp", "rdpid", "popcnt", "smap", "clwb", "fsgsbase", "pcid", "invpcid", "erms",
+    "fsrm",
+];
+const REQUIRED: [&str; 2] = ["noxsave", "pvm_syscall"];
+/// Speed-ups: fewer emulated instructions (no LOCK-prefix rewriting, no lockup detector, no TSC
+/// watchdog).
+const SPEEDUPS: [&str; 3] = ["noreplace-smp", "nowatchdog", "tsc=reliable"];
+
+pub fn is_pvm_host() -> bool {
+    Path::new(PVM_MODULE).exists()
+}
+
+/// Appends the PVM parameters to `cmdline`, merging with any `clearcpuid=` the user gave (the
+/// kernel honours only one) and skipping parameters already present.
+pub fn with_pvm_params(cmdline: &str) -> String {
+    let mut words: Vec<String> = Vec::new();
+    let mut clear: Vec<String> = Vec::new();
+    for word in cmdline.split_whitespace() {
+        match word.strip_prefix("clearcpuid=") {
+            Some(list) => clear.extend(list.split(',').filter(|s| !s.is_empty()).map(String::from)),
+            None => words.push(word.to_string()),
+        }
+    }
+    for feature in CLEARCPUID {
+        if !clear.iter().any(|c| c == feature) {
+            clear.push(feature.to_string());
+        }
+    }
+    for param in REQUIRED.iter().chain(SPEEDUPS.iter()) {
+        if !words.iter().any(|w| w == param) {
+            words.push(param.to_string());
+        }
+    }
+    words.push(format!("clearcpuid={}", clear.join(",")));
+    words.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appends_the_measured_set() {
+        let line = with_pvm_params("console=ttyS0 reboot=k panic=1");
+        assert!(line.starts_with("console=ttyS0 reboot=k panic=1 noxsave pvm_syscall"));
+        assert!(line.contains("tsc=reliable"));
+        assert!(line.ends_with(
+            "clearcpuid=cx16,rdtscp,rdpid,popcnt,smap,clwb,fsgsbase,pcid,invpcid,erms,fsrm"
+        ));
+    }
+
+    #[test]
+    fn merges_a_user_clearcpuid_and_skips_duplicates() {
+        let line = with_pvm_params("clearcpuid=avx,cx16 noxsave quiet");
+        assert_eq!(line.matches("clearcpuid=").count(), 1);
+        assert_eq!(line.matches("noxsave").count(), 1);
+        assert!(line.contains("clearcpuid=avx,cx16,rdtscp"));
+        assert!(line.contains("quiet"));
+    }
+}
