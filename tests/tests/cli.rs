@@ -64,8 +64,15 @@ fn zero_cpus_or_memory() {
 
 #[test]
 fn more_memory_than_the_host() {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let host_kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    let too_much = (host_kib / 1024 + 1024).to_string();
     assert_refused(
-        &["--kernel", &kernel(), "--memory", "900000000"],
+        &["--kernel", &kernel(), "--memory", &too_much],
         "more than this host has",
     );
 }

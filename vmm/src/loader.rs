@@ -36,6 +36,8 @@ pub enum LoadError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("kernel {0} is a directory, not a kernel image")]
+    IsADirectory(PathBuf),
     #[error("kernel {0} is neither an ELF vmlinux nor a bzImage")]
     UnknownFormat(PathBuf),
     #[error("kernel {path}: {source}")]
@@ -78,32 +80,35 @@ enum KernelFormat {
     BzImage,
 }
 
-fn detect_format(file: &mut File, path: &Path) -> Result<KernelFormat, LoadError> {
+/// Reads the 4 bytes at `offset`; `None` when the file is shorter than that.
+fn magic_at(file: &mut File, path: &Path, offset: u64) -> Result<Option<[u8; 4]>, LoadError> {
     let read_error = |source| LoadError::Read {
         path: path.into(),
         source,
     };
     let mut magic = [0u8; 4];
-    file.read_exact(&mut magic).map_err(read_error)?;
-    if magic == ELF_MAGIC {
-        return Ok(KernelFormat::Elf);
-    }
-    file.seek(SeekFrom::Start(BZIMAGE_HDR_OFFSET))
-        .map_err(read_error)?;
+    file.seek(SeekFrom::Start(offset)).map_err(read_error)?;
     match file.read_exact(&mut magic) {
-        Ok(()) if magic == BZIMAGE_HDR_MAGIC => Ok(KernelFormat::BzImage),
-        Ok(()) => Err(LoadError::UnknownFormat(path.into())),
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            Err(LoadError::UnknownFormat(path.into()))
-        }
+        Ok(()) => Ok(Some(magic)),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
         Err(e) => Err(read_error(e)),
+    }
+}
+
+fn detect_format(file: &mut File, path: &Path) -> Result<KernelFormat, LoadError> {
+    if magic_at(file, path, 0)? == Some(ELF_MAGIC) {
+        Ok(KernelFormat::Elf)
+    } else if magic_at(file, path, BZIMAGE_HDR_OFFSET)? == Some(BZIMAGE_HDR_MAGIC) {
+        Ok(KernelFormat::BzImage)
+    } else {
+        Err(LoadError::UnknownFormat(path.into()))
     }
 }
 
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, LoadError> {
     let mut file = open("kernel", path)?;
     if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
-        return Err(LoadError::UnknownFormat(path.into()));
+        return Err(LoadError::IsADirectory(path.into()));
     }
     let format = detect_format(&mut file, path)?;
     let loader_error = |source| LoadError::Loader {
@@ -218,7 +223,7 @@ mod tests {
     #[test]
     fn initrd_that_would_overlap_the_kernel_does_not_fit() {
         assert_eq!(
-            initrd_address(0x10_0000, GuestAddress(0x3f0_0000), 0x400_0000, u64::MAX),
+            initrd_address(0x10_0000, GuestAddress(0x3f0_1000), 0x400_0000, u64::MAX),
             None
         );
         assert_eq!(
@@ -246,7 +251,7 @@ mod tests {
         ));
         assert!(matches!(
             load_kernel(&mem, &dir),
-            Err(LoadError::UnknownFormat(_))
+            Err(LoadError::IsADirectory(_))
         ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -261,5 +266,28 @@ mod tests {
             .unwrap();
         assert_eq!(&buf, b"console=ttyS0 panic=1\0");
         assert!(load_kernel_cmdline(&mem, &"x".repeat(4096)).is_err());
+    }
+
+    /// The shared test guest's bzImage, when present: linux-loader's setup-header handling and
+    /// our 64-bit entry (protected-mode code at 1 MiB, entry 0x200 into it).
+    #[test]
+    fn shared_bzimage_loads_with_a_64bit_entry() {
+        let dir = std::env::var_os("CHAPEAU_GUEST_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/guest"));
+        let path = dir.join("bzImage");
+        if !path.exists() {
+            eprintln!("skipped: no {}", path.display());
+            return;
+        }
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let kernel = load_kernel(&mem, &path).unwrap();
+        assert_eq!(kernel.entry, GuestAddress(layout::HIMEM_START + 0x200));
+        let header = kernel.setup_header.unwrap();
+        assert_eq!({ header.header }, 0x5372_6448);
+        assert!({ header.version } >= 0x20c);
+        assert_ne!({ header.xloadflags } & XLF_KERNEL_64, 0);
+        let (initrd, size) = load_initrd(&mem, &path, &kernel).unwrap();
+        assert!(initrd.0 >= kernel.end.0 && initrd.0 + size <= 64 << 20);
     }
 }

@@ -74,6 +74,13 @@ pub fn low_ram_end(mem_size: u64) -> u64 {
     mem_size.min(MMIO_HOLE_START)
 }
 
+// Fixed relations between the constants, checked at compile time.
+const _: () = assert!(BOOT_STACK_POINTER < PML4_ADDR && BOOT_STACK_POINTER > ZERO_PAGE_ADDR + 4096);
+const _: () = assert!(RSDP_ADDR < ACPI_TABLES_START && ACPI_TABLES_START < ACPI_AREA_END);
+const _: () = assert!(KVM_IDENTITY_MAP_ADDR + 4096 <= KVM_TSS_ADDR);
+const _: () =
+    assert!(KVM_TSS_ADDR >= LAPIC_ADDR + 4096 && KVM_TSS_ADDR + 3 * 4096 <= MMIO_HOLE_END);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,9 +119,5 @@ mod tests {
                 assert!(a + alen <= *b || b + blen <= *a, "{a:#x} overlaps {b:#x}");
             }
         }
-        assert!(BOOT_STACK_POINTER < PML4_ADDR && BOOT_STACK_POINTER > ZERO_PAGE_ADDR + 4096);
-        assert!(RSDP_ADDR < ACPI_TABLES_START && ACPI_TABLES_START < ACPI_AREA_END);
-        assert!(KVM_IDENTITY_MAP_ADDR + 4096 <= KVM_TSS_ADDR);
-        assert!(KVM_TSS_ADDR + 3 * 4096 <= IOAPIC_ADDR || KVM_TSS_ADDR >= LAPIC_ADDR + 4096);
     }
 }
