@@ -1,0 +1,1 @@
+//! PCI: the root bus, configuration space, MSI-X and the virtio-pci transport.

@@ -1,0 +1,92 @@
+//! Virtio devices and the contract between a device and its transport.
+//!
+//! A device lives behind `Arc<Mutex<_>>`, shared by two sides:
+//! - the transport (virtio-pci, on vCPU threads) negotiates features, reads and writes the
+//!   device's config space, and on DRIVER_OK calls [`VirtioDevice::activate`], which must not
+//!   block: it only stores the queues and wakes the device's event-loop side;
+//! - the event loop (`vmm` thread, event-manager) runs the device's queues: the device is a
+//!   [`MutEventSubscriber`] registered at boot, watching its own activate event; on activation
+//!   it adds its queue notification eventfds (which KVM signals as ioeventfds, so a guest kick
+//!   never stops a vCPU in our code) and its backend fds.
+//!
+//! This split is why activation cannot deadlock against the event loop (the trap Dragonball
+//! documents): a vCPU never waits for the `vmm` thread.
+
+use std::sync::Arc;
+
+use event_manager::MutEventSubscriber;
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Virtio device ids (virtio 1.2, section 5).
+pub const TYPE_NET: u32 = 1;
+pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_CONSOLE: u32 = 3;
+pub const TYPE_RNG: u32 = 4;
+pub const TYPE_9P: u32 = 9;
+pub const TYPE_PMEM: u32 = 27;
+
+/// Feature bits every modern device offers.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// What a device asks its transport to signal to the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InterruptKind {
+    /// Used buffers on queue `n`.
+    Queue(u16),
+    /// The device's configuration space changed.
+    Config,
+}
+
+/// Raises interrupts for one device. Implemented by the transport (MSI-X vectors through KVM
+/// irqfds); cheap and non-blocking, callable from any thread.
+pub trait VirtioInterrupt: Send + Sync {
+    fn trigger(&self, kind: InterruptKind) -> std::io::Result<()>;
+}
+
+/// A queue handed to the device at activation, with the eventfd the guest's notifications
+/// for it arrive on.
+pub struct ActivatedQueue {
+    pub queue: Queue,
+    pub notify: EventFd,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("the driver set up {got} queues, the device needs {expected}")]
+    QueueCount { expected: usize, got: usize },
+    #[error("queue {index} is not valid for guest memory")]
+    InvalidQueue { index: usize },
+    #[error("cannot wake the device's event loop side: {0}")]
+    Wake(std::io::Error),
+    #[error("device activation failed: {0}")]
+    Backend(String),
+}
+
+pub trait VirtioDevice: MutEventSubscriber + Send {
+    /// One of the `TYPE_*` ids.
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; its length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features the device offers (including `VIRTIO_F_VERSION_1`).
+    fn avail_features(&self) -> u64;
+    /// Features the driver accepted, a subset of `avail_features` (the transport enforces it),
+    /// set once the driver has written FEATURES_OK.
+    fn set_acked_features(&mut self, features: u64);
+    /// Device-specific configuration space; out-of-range bytes read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes to the configuration space; read-only fields ignore writes.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// DRIVER_OK: takes the queues. Called on a vCPU thread: store, signal, return.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActivatedQueue>,
+    ) -> Result<(), ActivateError>;
+    /// The driver reset the device (status 0): drop the queues and return to the state before
+    /// activation. Returns false if the device cannot be reset (the transport then keeps it
+    /// failed until the VM ends).
+    fn reset(&mut self) -> bool;
+}
