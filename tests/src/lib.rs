@@ -4,7 +4,7 @@
 //! guest's init), so tests boot once per scenario, check several things per boot, and take
 //! their timeouts from `boot_timeout()`.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -93,7 +93,7 @@ pub fn chapeau_bin() -> PathBuf {
         .parent()
         .and_then(Path::parent)
         .expect("test executable lives in target/<profile>/deps");
-    let bin = profile_dir.join("chapeau");
+    let bin = profile_dir.join("chapeau-under-test");
     assert!(
         bin.exists(),
         "{} not built (run the tests with cargo test)",
@@ -116,28 +116,34 @@ pub struct Vm {
 }
 
 fn collect<R: Read + Send + 'static>(
-    stream: R,
+    mut stream: R,
     output: Arc<(Mutex<Output>, Condvar)>,
     is_stderr: bool,
 ) {
     std::thread::spawn(move || {
-        let mut reader = BufReader::new(stream);
-        let mut line = Vec::new();
-        while reader
-            .read_until(b'\n', &mut line)
-            .map(|n| n > 0)
-            .unwrap_or(false)
-        {
-            let text = String::from_utf8_lossy(&line)
-                .trim_end_matches(['\r', '\n'])
-                .to_string();
-            line.clear();
+        let mut buf = [0u8; 4096];
+        // Whether the last stored line still waits for its newline: a guest may print a
+        // partial line and then compute for minutes ("Decompressing Linux... ").
+        let mut open = false;
+        while let Ok(n) = stream.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
             let (lock, cond) = &*output;
             let mut out = lock.lock().unwrap();
-            if is_stderr {
-                out.stderr.push(text);
+            let lines = if is_stderr {
+                &mut out.stderr
             } else {
-                out.stdout.push(text);
+                &mut out.stdout
+            };
+            for piece in buf[..n].split_inclusive(|b| *b == b'\n') {
+                let text = String::from_utf8_lossy(piece);
+                let text = text.trim_end_matches(['\r', '\n']);
+                match lines.last_mut() {
+                    Some(last) if open => last.push_str(text),
+                    _ => lines.push(text.to_string()),
+                }
+                open = !piece.ends_with(b"\n");
             }
             cond.notify_all();
         }

@@ -159,7 +159,10 @@ fn guest_panic_exits_zero_from_a_config_file() {
 /// says loudly that the rest was skipped. On hardware KVM it boots to init.
 #[test]
 fn bzimage_boots() {
-    let mut vm = Vm::start(&boot_args("bzImage", 1, 128, "poweroff"));
+    let mut args = boot_args("bzImage", 1, 128, "poweroff");
+    // The decompressor prints only with earlyprintk.
+    args[5].push_str(" earlyprintk=ttyS0");
+    let mut vm = Vm::start(&args);
     vm.wait_for("Decompressing Linux", boot_timeout());
     if is_pvm_host() {
         eprintln!(

@@ -351,6 +351,8 @@ struct RunResult {
     rollup_rss_max_kib: u64,
     guest_rss_kib: Option<u64>,
     own_rss_sampled_kib: Option<u64>,
+    /// 1-minute load average just before the run: wall times on a shared host depend on it.
+    load: Option<f64>,
 }
 
 impl RunResult {
@@ -464,6 +466,9 @@ fn last_line(tail: &[String]) -> String {
 
 fn run_once(sys: System, setup: &Setup, opts: &Options) -> Result<RunResult, String> {
     let mut cmd = command_for(sys, setup, opts)?;
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().and_then(|w| w.parse().ok()));
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -612,6 +617,7 @@ fn run_once(sys: System, setup: &Setup, opts: &Options) -> Result<RunResult, Str
         rollup_rss_max_kib: stats.rollup_rss_max_kib,
         guest_rss_kib: stats.guest_rss_max_kib,
         own_rss_sampled_kib: stats.own_rss_max_kib,
+        load,
     })
 }
 
@@ -637,7 +643,7 @@ fn run_line(sys: System, run: usize, runs: usize, r: &RunResult) -> String {
     line += &format!(
         "  vmm-cpu {:.0} ms (schedstat {} ms, {} thr)  vcpu user-guest {:.0} ms sys {:.0} ms  \
          total cpu {:.0} ms  guest-touched {} MiB  beyond-guest {} MiB (sampled {} MiB, \
-         VmRSS {:.1}, smaps_rollup {:.1})",
+         VmRSS {:.1}, smaps_rollup {:.1})  load {}",
         r.cpu.vmm_cpu_ms,
         opt_fmt(r.cpu.vmm_run_ms, 1),
         r.cpu.other_threads,
@@ -649,6 +655,7 @@ fn run_line(sys: System, run: usize, runs: usize, r: &RunResult) -> String {
         opt_fmt(r.own_rss_sampled_kib.map(mib), 2),
         mib(r.vm_rss_max_kib),
         mib(r.rollup_rss_max_kib),
+        opt_fmt(r.load, 2),
     );
     line
 }
@@ -730,13 +737,14 @@ fn print_summary(opts: &Options, results: &[(System, Vec<RunResult>, Vec<String>
     println!();
     println!("VMM's own costs, min / median (targets, DESIGN.md 8: exec->KVM_RUN < 2 ms, VMM CPU < 20 ms, RSS beyond guest < 3 MiB)");
     println!(
-        "{:<13} {:>17}  {:>19}  {:>19}  {:>19}  {:>19}",
+        "{:<13} {:>17}  {:>19}  {:>19}  {:>19}  {:>20}  {:>19}",
         "system",
         "exec->KVM_RUN ms",
         "VMM CPU ms (ticks)",
         "VMM CPU ms (sched)",
         "vcpu user-guest ms",
-        "RSS beyond guest MiB"
+        "RSS beyond guest MiB",
+        "vcpu sys+guest s"
     );
     for (sys, rs, _) in results {
         let kvm: Vec<f64> = rs.iter().filter_map(|r| r.first_kvm_run_ms).collect();
@@ -746,7 +754,7 @@ fn print_summary(opts: &Options, results: &[(System, Vec<RunResult>, Vec<String>
             .filter_map(|r| r.beyond_guest_kib().map(mib))
             .collect();
         println!(
-            "{:<13} {:>17}  {:>19}  {:>19}  {:>19}  {:>19}",
+            "{:<13} {:>17}  {:>19}  {:>19}  {:>19}  {:>20}  {:>19}",
             sys.name(),
             if *sys == System::Chapeau {
                 mm_fmt(&kvm, 3)
@@ -757,13 +765,18 @@ fn print_summary(opts: &Options, results: &[(System, Vec<RunResult>, Vec<String>
             mm_fmt(&sched, 1),
             mm_fmt(&col(rs, |r| r.cpu.vcpu_user_ms), 0),
             mm_fmt(&beyond, 2),
+            mm_fmt(
+                &col(rs, |r| (r.cpu.vcpu_sys_ms + r.cpu.vcpu_guest_ms) / 1000.0),
+                1
+            ),
         );
     }
     println!(
         "VMM CPU = utime+stime of the non-vCPU threads (sampled from /proc every {} ms; the last \
          sample before exit may miss a few ms); vcpu user-guest = vCPU threads' user time minus \
          guest time (exit handling in user space); RSS beyond guest = wait4 peak RSS minus the Rss \
-         of the guest RAM mapping in smaps.",
+         of the guest RAM mapping in smaps; vcpu sys+guest = vCPU threads' system and guest time \
+         (the guest's own work, emulated kernel included).",
         SLOW_SAMPLE.as_millis()
     );
     if Path::new("/sys/module/kvm_pvm").exists() {
