@@ -5,7 +5,8 @@
 #   WORKDIR  where linux-source-6.1/ is extracted and built (reused if present: incremental)
 #   OUTDIR   gets vmlinux (stripped of debug info, .symtab kept), bzImage, System.map,
 #            config (the full .config) and config-check.txt (fragment: wanted vs. actual)
-# Env: JOBS (default: nproc), SRC_TAR (default /usr/src/linux-source-6.1.tar.xz)
+# Env: JOBS (default: nproc), SRC_TAR (default /usr/src/linux-source-6.1.tar.xz),
+#      KCFLAGS (default -mstringop-strategy=libcall, see below)
 # Needs (Debian 12): linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev
 #
 # Config = x86_64_defconfig + kvm_guest.config + kata-guest.fragment, then olddefconfig.
@@ -22,6 +23,11 @@ JOBS=${JOBS:-$(nproc)}
 export KBUILD_BUILD_TIMESTAMP="Thu Jan  1 00:00:00 UTC 1970"
 export KBUILD_BUILD_USER=chapeau KBUILD_BUILD_HOST=chapeau KBUILD_BUILD_VERSION=1
 export LC_ALL=C TZ=UTC
+# gcc expands memset/memcpy of unknown size in cold (__init) code as byte-wise "rep stosb/movsb",
+# e.g. the zeroing in clear_bss() and memblock_alloc*(): ~1 emulated iteration per byte on kvm-pvm
+# (several seconds of boot). With libcall they call the kernel's memset/memcpy, which use
+# "rep stosq/movsq" (clearcpuid=erms) or unrolled 8-byte loops. Same semantics everywhere.
+export KCFLAGS=${KCFLAGS--mstringop-strategy=libcall}
 
 # Kernel patches, applied in this order. Each one is a no-op unless noted (README.md).
 PATCHES=(
