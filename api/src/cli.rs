@@ -6,8 +6,8 @@ use clap::builder::PossibleValue;
 use clap::{Parser, ValueEnum};
 
 use crate::config::{
-    BootConfig, ConfigError, MachineConfig, PvmParams, SerialConfig, SettingNames, VmConfig,
-    DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS,
+    BootConfig, ConfigError, ConsoleConfig, MachineConfig, PortConfig, PvmParams, RngConfig,
+    SerialConfig, SettingNames, VmConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS,
 };
 
 const LONG_ABOUT: &str = "\
@@ -19,7 +19,7 @@ Describe the VM with flags, or with --config FILE: a JSON file in the same schem
 accepts. The guest's serial console goes where --serial says; chapeau's own log goes to stderr.";
 
 /// Flags that describe the VM; `--config` replaces all of them.
-const VM_FLAGS: [&str; 7] = [
+const VM_FLAGS: [&str; 10] = [
     "kernel",
     "initrd",
     "cmdline",
@@ -27,7 +27,13 @@ const VM_FLAGS: [&str; 7] = [
     "memory",
     "serial",
     "pvm_params",
+    "console",
+    "ports",
+    "rng",
 ];
+
+/// What a bare `--rng` means.
+const RNG_DEFAULT_ARG: &str = "source=/dev/urandom";
 
 #[derive(Debug, Clone, PartialEq, Parser)]
 #[command(name = "chapeau", version, about = "A minimal KVM VMM for Kata Containers", long_about = LONG_ABOUT)]
@@ -57,6 +63,22 @@ pub struct Cli {
     #[arg(long, value_name = "stdout|file=PATH|off", default_value_t = SerialConfig::Stdout)]
     pub serial: SerialConfig,
 
+    /// Where the virtio console (port 0, the guest's hvc0; boot with console=hvc0) goes: stdout,
+    /// file=PATH, socket=PATH (a unix socket chapeau listens on, one client at a time), or off.
+    /// stdout cannot be shared with --serial stdout.
+    #[arg(long, value_name = "stdout|file=PATH|socket=PATH|off", default_value_t = ConsoleConfig::Off)]
+    pub console: ConsoleConfig,
+
+    /// Adds a named virtio-console port, /dev/virtio-ports/NAME in the guest, backed by a unix
+    /// socket chapeau listens on (one client at a time; the guest sees the port open while a
+    /// client is connected). Repeat for more ports.
+    #[arg(long = "port", value_name = "name=NAME,socket=PATH")]
+    pub ports: Vec<PortConfig>,
+
+    /// Adds a virtio-rng device reading entropy from PATH (default /dev/urandom).
+    #[arg(long, value_name = "source=PATH", num_args = 0..=1, default_missing_value = RNG_DEFAULT_ARG)]
+    pub rng: Option<RngConfig>,
+
     /// Appends the guest kernel parameters a PVM host needs (PVM emulates guest kernel mode and
     /// cannot run some instructions there); auto = when /sys/module/kvm_pvm exists.
     #[arg(long, value_enum, value_name = "MODE", default_value_t = PvmParams::Auto)]
@@ -79,6 +101,10 @@ const FLAG_NAMES: SettingNames = SettingNames {
     initrd: "--initrd",
     cmdline: "--cmdline",
     serial: "--serial",
+    serial_any: "--serial",
+    console: "--console",
+    port: "--port",
+    rng: "--rng",
 };
 
 impl Cli {
@@ -100,6 +126,9 @@ impl Cli {
                 pvm_params: self.pvm_params,
             },
             serial: self.serial.clone(),
+            console: self.console.clone(),
+            ports: self.ports.clone(),
+            rng: self.rng.clone(),
         };
         config.validate_named(&FLAG_NAMES)?;
         Ok(config)
@@ -197,6 +226,9 @@ mod tests {
                     pvm_params: PvmParams::Off,
                 },
                 serial: SerialConfig::File("/tmp/console.log".into()),
+                console: ConsoleConfig::Off,
+                ports: vec![],
+                rng: None,
             }
         );
     }
@@ -230,6 +262,9 @@ mod tests {
             &["--memory", "512"],
             &["--serial", "off"],
             &["--pvm-params", "on"],
+            &["--console", "off"],
+            &["--port", "name=a,socket=/a"],
+            &["--rng"],
         ] {
             let mut args = vec!["--config", "vm.json"];
             args.extend_from_slice(flag);
@@ -330,6 +365,136 @@ mod tests {
     }
 
     #[test]
+    fn rng_flag_forms() {
+        let rng = |args: &[&str]| {
+            let mut all = vec!["--kernel", "/k"];
+            all.extend_from_slice(args);
+            parse(&all).map(|c| c.vm_config().unwrap().rng)
+        };
+        assert_eq!(rng(&[]).unwrap(), None);
+        assert_eq!(rng(&["--rng"]).unwrap(), Some(RngConfig::default()));
+        // A bare --rng does not swallow the next flag.
+        assert_eq!(
+            rng(&["--rng", "--cpus", "2"]).unwrap(),
+            Some(RngConfig::default())
+        );
+        assert_eq!(
+            rng(&["--rng", "source=/dev/hwrng"]).unwrap(),
+            Some(RngConfig {
+                source: "/dev/hwrng".into()
+            })
+        );
+        assert_eq!(
+            rng(&["--rng=source=/dev/hwrng"]).unwrap(),
+            Some(RngConfig {
+                source: "/dev/hwrng".into()
+            })
+        );
+        let err = rng(&["--rng", "/dev/hwrng"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ValueValidation);
+        assert!(err.to_string().contains("expected source=PATH"), "{err}");
+    }
+
+    #[test]
+    fn console_and_port_flags() {
+        let config = config_of(&[
+            "--kernel",
+            "/k",
+            "--serial",
+            "off",
+            "--console",
+            "stdout",
+            "--port",
+            "name=agent.channel.0,socket=/run/agent.sock",
+            "--port",
+            "socket=/run/b.sock,name=b",
+        ])
+        .unwrap();
+        assert_eq!(config.console, ConsoleConfig::Stdout);
+        assert_eq!(
+            config.ports,
+            vec![
+                PortConfig {
+                    name: "agent.channel.0".into(),
+                    socket: "/run/agent.sock".into()
+                },
+                PortConfig {
+                    name: "b".into(),
+                    socket: "/run/b.sock".into()
+                },
+            ]
+        );
+        assert!(config.has_virtio_console());
+
+        let console = |v: &str| parse(&["--kernel", "/k", "--console", v]).map(|c| c.console);
+        assert_eq!(
+            console("socket=/run/c.sock").unwrap(),
+            ConsoleConfig::Socket("/run/c.sock".into())
+        );
+        assert_eq!(
+            console("file=/tmp/c").unwrap(),
+            ConsoleConfig::File("/tmp/c".into())
+        );
+        assert_eq!(console("off").unwrap(), ConsoleConfig::Off);
+        let err = console("pty").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ValueValidation);
+        assert!(
+            err.to_string()
+                .contains("expected stdout, off, file=PATH or socket=PATH"),
+            "{err}"
+        );
+        let err = parse(&["--kernel", "/k", "--port", "name=a"]).unwrap_err();
+        assert!(err.to_string().contains("missing socket=PATH"), "{err}");
+    }
+
+    #[test]
+    fn console_stdout_needs_serial_elsewhere() {
+        assert_eq!(
+            config_of(&["--kernel", "/k", "--console", "stdout"])
+                .unwrap_err()
+                .to_string(),
+            "invalid --console stdout: --serial is stdout too and both cannot share it; \
+             set --serial to off or a file"
+        );
+        config_of(&[
+            "--kernel",
+            "/k",
+            "--console",
+            "stdout",
+            "--serial",
+            "file=/tmp/s",
+        ])
+        .unwrap();
+    }
+
+    #[test]
+    fn port_errors_are_named_after_the_flag() {
+        let msg = |args: &[&str]| config_of(args).unwrap_err().to_string();
+        assert_eq!(
+            msg(&[
+                "--kernel",
+                "/k",
+                "--port",
+                "name=a,socket=/a",
+                "--port",
+                "name=a,socket=/b"
+            ]),
+            "invalid --port name=\"a\": two ports have this name"
+        );
+        assert_eq!(
+            msg(&[
+                "--kernel",
+                "/k",
+                "--console",
+                "socket=/a",
+                "--port",
+                "name=a,socket=/a"
+            ]),
+            "invalid --port socket=/a: --console uses this socket too"
+        );
+    }
+
+    #[test]
     fn help_documents_every_flag_and_default() {
         let help = Cli::command().render_long_help().to_string();
         assert!(help.contains("Kata Containers"), "{help}");
@@ -341,6 +506,9 @@ mod tests {
             "--memory",
             "--serial",
             "--pvm-params",
+            "--console",
+            "--port",
+            "--rng",
             "--config",
             "--log-level",
         ] {
@@ -353,6 +521,7 @@ mod tests {
             "[default: stdout]",
             "[default: auto]",
             "[default: warn]",
+            "[default: off]",
         ] {
             assert!(
                 help.contains(default),

@@ -20,6 +20,16 @@ pub const DEFAULT_MEMORY_MIB: u64 = 256;
 /// Console on the first UART; `reboot=k panic=1` make guest reboot and panic reach the i8042 reset
 /// line, which is how the VM ends.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+/// Where virtio-rng reads its entropy unless told otherwise.
+pub const DEFAULT_RNG_SOURCE: &str = "/dev/urandom";
+/// Named virtio-console ports a VM may have. QEMU's virtio-serial defaults to 31 ports in all;
+/// port 0 is the console, which leaves 30 (and keeps the queue count, 2 per port, at 62).
+pub const MAX_PORTS: usize = 30;
+/// Longest port name: the guest's sysfs/udev name buffers; Linux reads PORT_NAME into a page,
+/// but udev rules and `/dev/virtio-ports/<name>` want short names, as QEMU's do.
+pub const MAX_PORT_NAME_LEN: usize = 127;
+/// `sun_path` is 108 bytes including the terminating NUL.
+pub const MAX_SOCKET_PATH_LEN: usize = 107;
 
 /// A whole VM: the JSON document `--config` reads.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -30,6 +40,23 @@ pub struct VmConfig {
     pub boot: BootConfig,
     #[serde(default)]
     pub serial: SerialConfig,
+    /// virtio-console port 0 (hvc0). The virtio-console device exists when this is not `Off`
+    /// or `ports` is not empty.
+    #[serde(default)]
+    pub console: ConsoleConfig,
+    /// Named virtio-console ports (`/dev/virtio-ports/<name>` in the guest), ports 1..=N.
+    #[serde(default)]
+    pub ports: Vec<PortConfig>,
+    /// A virtio-rng device when present.
+    #[serde(default)]
+    pub rng: Option<RngConfig>,
+}
+
+impl VmConfig {
+    /// Whether the VM gets a virtio-console device.
+    pub fn has_virtio_console(&self) -> bool {
+        self.console != ConsoleConfig::Off || !self.ports.is_empty()
+    }
 }
 
 /// vCPUs and RAM.
@@ -136,6 +163,161 @@ impl fmt::Display for SerialConfig {
     }
 }
 
+/// virtio-rng. JSON: `{}` or `{"source": "/dev/hwrng"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RngConfig {
+    /// File the device reads entropy from.
+    #[serde(default = "default_rng_source")]
+    pub source: PathBuf,
+}
+
+fn default_rng_source() -> PathBuf {
+    PathBuf::from(DEFAULT_RNG_SOURCE)
+}
+
+impl Default for RngConfig {
+    fn default() -> Self {
+        RngConfig {
+            source: default_rng_source(),
+        }
+    }
+}
+
+/// The `--rng` value syntax: `source=PATH` (the flag alone means the default source).
+impl FromStr for RngConfig {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.strip_prefix("source=") {
+            Some("") => Err(ConfigError::RngSyntax(
+                "source= needs a path, e.g. source=/dev/urandom",
+            )),
+            Some(path) => Ok(RngConfig {
+                source: PathBuf::from(path),
+            }),
+            None => Err(ConfigError::RngSyntax("expected source=PATH")),
+        }
+    }
+}
+
+impl fmt::Display for RngConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "source={}", self.source.display())
+    }
+}
+
+/// Where virtio-console port 0 (the guest's hvc0) goes. JSON: `"off"`, `"stdout"`,
+/// `{"file": "/path"}` or `{"socket": "/path"}` (a unix socket chapeau listens on, one client at
+/// a time; output is dropped while nobody is connected).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsoleConfig {
+    #[default]
+    Off,
+    Stdout,
+    File(PathBuf),
+    Socket(PathBuf),
+}
+
+/// The `--console` syntax: `stdout`, `off`, `file=PATH` or `socket=PATH`.
+impl FromStr for ConsoleConfig {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "stdout" => return Ok(ConsoleConfig::Stdout),
+            "off" => return Ok(ConsoleConfig::Off),
+            _ => {}
+        }
+        if let Some(path) = s.strip_prefix("file=") {
+            if path.is_empty() {
+                return Err(ConfigError::ConsoleSyntax(
+                    "file= needs a path, e.g. file=/tmp/hvc0.log",
+                ));
+            }
+            return Ok(ConsoleConfig::File(PathBuf::from(path)));
+        }
+        if let Some(path) = s.strip_prefix("socket=") {
+            if path.is_empty() {
+                return Err(ConfigError::ConsoleSyntax(
+                    "socket= needs a path, e.g. socket=/run/vm/console.sock",
+                ));
+            }
+            return Ok(ConsoleConfig::Socket(PathBuf::from(path)));
+        }
+        Err(ConfigError::ConsoleSyntax(
+            "expected stdout, off, file=PATH or socket=PATH",
+        ))
+    }
+}
+
+impl fmt::Display for ConsoleConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConsoleConfig::Off => f.write_str("off"),
+            ConsoleConfig::Stdout => f.write_str("stdout"),
+            ConsoleConfig::File(path) => write!(f, "file={}", path.display()),
+            ConsoleConfig::Socket(path) => write!(f, "socket={}", path.display()),
+        }
+    }
+}
+
+/// A named virtio-console port backed by a unix socket chapeau listens on (like QEMU's
+/// `virtserialport` + `chardev socket,server,nowait`). JSON: `{"name": N, "socket": P}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortConfig {
+    /// The guest sees `/dev/virtio-ports/<name>`.
+    pub name: String,
+    pub socket: PathBuf,
+}
+
+/// The `--port` syntax: `name=NAME,socket=PATH`, keys in any order. Neither value may contain
+/// a comma (the separator).
+impl FromStr for PortConfig {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let syntax = |msg: String| Err(ConfigError::PortSyntax(msg));
+        let (mut name, mut socket) = (None, None);
+        for item in s.split(',') {
+            let Some((key, value)) = item.split_once('=') else {
+                return syntax(format!(
+                    "expected name=NAME,socket=PATH, found {item:?} without '='"
+                ));
+            };
+            let slot = match key {
+                "name" => &mut name,
+                "socket" => &mut socket,
+                _ => {
+                    return syntax(format!(
+                        "unknown key {key:?}: expected name=NAME,socket=PATH"
+                    ))
+                }
+            };
+            if slot.is_some() {
+                return syntax(format!("{key}= given twice"));
+            }
+            *slot = Some(value);
+        }
+        match (name, socket) {
+            (Some(name), Some(socket)) => Ok(PortConfig {
+                name: name.to_string(),
+                socket: PathBuf::from(socket),
+            }),
+            (None, _) => syntax("missing name=NAME (expected name=NAME,socket=PATH)".into()),
+            (_, None) => syntax("missing socket=PATH (expected name=NAME,socket=PATH)".into()),
+        }
+    }
+}
+
+impl fmt::Display for PortConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "name={},socket={}", self.name, self.socket.display())
+    }
+}
+
 /// Everything that can be wrong with a configuration. Each message is one line meant for the user.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -173,6 +355,15 @@ pub enum ConfigError {
     /// already quotes the flag and the value around it.
     #[error("{0}")]
     SerialSyntax(&'static str),
+    /// A bad `--console` value (only the reason, as for `--serial`).
+    #[error("{0}")]
+    ConsoleSyntax(&'static str),
+    /// A bad `--port` value.
+    #[error("{0}")]
+    PortSyntax(String),
+    /// A bad `--rng` value.
+    #[error("{0}")]
+    RngSyntax(&'static str),
 }
 
 fn spaced(value: &str) -> String {
@@ -191,6 +382,11 @@ pub(crate) struct SettingNames {
     pub initrd: &'static str,
     pub cmdline: &'static str,
     pub serial: &'static str,
+    /// The setting as a whole, for conflicts (`--serial` / `serial`).
+    pub serial_any: &'static str,
+    pub console: &'static str,
+    pub port: &'static str,
+    pub rng: &'static str,
 }
 
 const JSON_NAMES: SettingNames = SettingNames {
@@ -200,6 +396,10 @@ const JSON_NAMES: SettingNames = SettingNames {
     initrd: "boot.initrd",
     cmdline: "boot.cmdline",
     serial: "serial.file",
+    serial_any: "serial",
+    console: "console",
+    port: "ports",
+    rng: "rng.source",
 };
 
 impl VmConfig {
@@ -295,8 +495,125 @@ impl VmConfig {
                 return invalid(names.serial, "\"\"".into(), "the path is empty".into());
             }
         }
+
+        self.validate_console(names)?;
+
+        if let Some(rng) = &self.rng {
+            if rng.source.as_os_str().is_empty() {
+                return invalid(names.rng, "\"\"".into(), "the path is empty".into());
+            }
+        }
         Ok(())
     }
+
+    fn validate_console(&self, names: &SettingNames) -> Result<(), ConfigError> {
+        let invalid = |setting, value: String, reason: String| {
+            Err(ConfigError::Invalid {
+                setting,
+                value,
+                reason,
+            })
+        };
+
+        match &self.console {
+            ConsoleConfig::Off => {}
+            ConsoleConfig::Stdout => {
+                if self.serial == SerialConfig::Stdout {
+                    return invalid(
+                        names.console,
+                        "stdout".into(),
+                        format!(
+                            "{} is stdout too and both cannot share it; set {} to off or a file",
+                            names.serial_any, names.serial_any
+                        ),
+                    );
+                }
+            }
+            ConsoleConfig::File(path) | ConsoleConfig::Socket(path) => {
+                if path.as_os_str().is_empty() {
+                    return invalid(names.console, "\"\"".into(), "the path is empty".into());
+                }
+            }
+        }
+        if let ConsoleConfig::Socket(path) = &self.console {
+            if let Err(reason) = check_socket_path(path) {
+                return invalid(names.console, self.console.to_string(), reason);
+            }
+        }
+
+        if self.ports.len() > MAX_PORTS {
+            return invalid(
+                names.port,
+                String::new(),
+                format!(
+                    "{} named ports given, at most {MAX_PORTS} are supported",
+                    self.ports.len()
+                ),
+            );
+        }
+        for (i, port) in self.ports.iter().enumerate() {
+            let name = &port.name;
+            let shown = format!("name={name:?}");
+            if name.is_empty() {
+                return invalid(names.port, shown, "the port name is empty".into());
+            }
+            if name.len() > MAX_PORT_NAME_LEN {
+                return invalid(
+                    names.port,
+                    format!("({} bytes)", name.len()),
+                    format!("a port name is at most {MAX_PORT_NAME_LEN} bytes"),
+                );
+            }
+            if let Some(c) = name
+                .chars()
+                .find(|&c| c == '\0' || c == '/' || c.is_whitespace())
+            {
+                return invalid(
+                    names.port,
+                    shown,
+                    format!("a port name cannot contain {c:?} (it names /dev/virtio-ports/<name>)"),
+                );
+            }
+            if self.ports[..i].iter().any(|p| p.name == *name) {
+                return invalid(names.port, shown, "two ports have this name".into());
+            }
+            let socket = &port.socket;
+            let shown_socket = format!("socket={}", socket.display());
+            if socket.as_os_str().is_empty() {
+                return invalid(names.port, shown, "the socket path is empty".into());
+            }
+            if let Err(reason) = check_socket_path(socket) {
+                return invalid(names.port, shown_socket, reason);
+            }
+            if self.ports[..i].iter().any(|p| p.socket == *socket) {
+                return invalid(names.port, shown_socket, "two ports use this socket".into());
+            }
+            if self.console == ConsoleConfig::Socket(socket.clone()) {
+                return invalid(
+                    names.port,
+                    shown_socket,
+                    format!("{} uses this socket too", names.console),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A unix socket path must fit `sun_path` and cannot hold a NUL.
+fn check_socket_path(path: &Path) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.contains(&0) {
+        return Err("the socket path contains a NUL byte".into());
+    }
+    if bytes.len() > MAX_SOCKET_PATH_LEN {
+        return Err(format!(
+            "a unix socket path is at most {MAX_SOCKET_PATH_LEN} bytes, this one has {}",
+            bytes.len()
+        ));
+    }
+    Ok(())
 }
 
 fn parse_json(origin: &str, json: &str) -> Result<VmConfig, ConfigError> {
@@ -339,8 +656,12 @@ mod tests {
                     pvm_params: PvmParams::Auto,
                 },
                 serial: SerialConfig::Stdout,
+                console: ConsoleConfig::Off,
+                ports: vec![],
+                rng: None,
             }
         );
+        assert!(!config.has_virtio_console());
         config.validate().unwrap();
     }
 
@@ -377,6 +698,9 @@ mod tests {
                 pvm_params: PvmParams::Off,
             },
             serial: SerialConfig::File("/tmp/console.log".into()),
+            console: ConsoleConfig::Off,
+            ports: vec![],
+            rng: None,
         };
         assert_eq!(config, expected);
 
@@ -524,6 +848,264 @@ mod tests {
         assert_eq!(
             validate_err(&config),
             "invalid boot.cmdline: contains a NUL byte at offset 13"
+        );
+    }
+
+    fn with(extra: &str) -> Result<VmConfig, ConfigError> {
+        VmConfig::from_json(&format!(r#"{{"boot":{{"kernel":"/k"}},{extra}}}"#))
+    }
+
+    #[test]
+    fn rng_forms() {
+        assert_eq!(minimal().rng, None);
+        assert_eq!(
+            with(r#""rng":{}"#).unwrap().rng,
+            Some(RngConfig {
+                source: "/dev/urandom".into()
+            })
+        );
+        assert_eq!(
+            with(r#""rng":{"source":"/dev/hwrng"}"#).unwrap().rng,
+            Some(RngConfig {
+                source: "/dev/hwrng".into()
+            })
+        );
+        assert_eq!(with(r#""rng":null"#).unwrap().rng, None);
+        let msg = with(r#""rng":{"src":"/x"}"#).unwrap_err().to_string();
+        assert!(msg.contains("unknown field `src`"), "{msg}");
+        let mut config = minimal();
+        config.rng = Some(RngConfig {
+            source: PathBuf::new(),
+        });
+        assert_eq!(
+            validate_err(&config),
+            "invalid rng.source \"\": the path is empty"
+        );
+    }
+
+    #[test]
+    fn rng_from_str() {
+        assert_eq!(
+            "source=/dev/hwrng".parse::<RngConfig>().unwrap().source,
+            PathBuf::from("/dev/hwrng")
+        );
+        assert_eq!(
+            "source=".parse::<RngConfig>().unwrap_err().to_string(),
+            "source= needs a path, e.g. source=/dev/urandom"
+        );
+        assert_eq!(
+            "/dev/hwrng".parse::<RngConfig>().unwrap_err().to_string(),
+            "expected source=PATH"
+        );
+        assert_eq!(RngConfig::default().to_string(), "source=/dev/urandom");
+    }
+
+    #[test]
+    fn console_forms() {
+        let parse = |c: &str| with(&format!(r#""serial":"off","console":{c}"#)).map(|c| c.console);
+        assert_eq!(minimal().console, ConsoleConfig::Off);
+        assert_eq!(parse(r#""off""#).unwrap(), ConsoleConfig::Off);
+        assert_eq!(parse(r#""stdout""#).unwrap(), ConsoleConfig::Stdout);
+        assert_eq!(
+            parse(r#"{"file":"/tmp/c"}"#).unwrap(),
+            ConsoleConfig::File("/tmp/c".into())
+        );
+        assert_eq!(
+            parse(r#"{"socket":"/tmp/c.sock"}"#).unwrap(),
+            ConsoleConfig::Socket("/tmp/c.sock".into())
+        );
+        assert!(parse(r#""socket""#).is_err());
+        assert!(parse(r#""pty""#).is_err());
+        assert!(parse(r#"{"pipe":"/x"}"#).is_err());
+
+        let config = with(r#""serial":"off","console":{"socket":"/s"}"#).unwrap();
+        let value = serde_json::to_value(&config).unwrap();
+        assert_eq!(value["console"]["socket"], "/s");
+        assert!(config.has_virtio_console());
+    }
+
+    #[test]
+    fn console_from_str() {
+        for (s, c) in [
+            ("stdout", ConsoleConfig::Stdout),
+            ("off", ConsoleConfig::Off),
+            ("file=/a=b", ConsoleConfig::File("/a=b".into())),
+            (
+                "socket=/run/c.sock",
+                ConsoleConfig::Socket("/run/c.sock".into()),
+            ),
+        ] {
+            assert_eq!(s.parse::<ConsoleConfig>().unwrap(), c);
+            assert_eq!(c.to_string(), s);
+        }
+        assert_eq!(
+            "socket=".parse::<ConsoleConfig>().unwrap_err().to_string(),
+            "socket= needs a path, e.g. socket=/run/vm/console.sock"
+        );
+        assert_eq!(
+            "file=".parse::<ConsoleConfig>().unwrap_err().to_string(),
+            "file= needs a path, e.g. file=/tmp/hvc0.log"
+        );
+        assert_eq!(
+            "tty".parse::<ConsoleConfig>().unwrap_err().to_string(),
+            "expected stdout, off, file=PATH or socket=PATH"
+        );
+    }
+
+    #[test]
+    fn console_stdout_conflicts_with_serial_stdout() {
+        let mut config = minimal();
+        config.console = ConsoleConfig::Stdout;
+        assert_eq!(
+            validate_err(&config),
+            "invalid console stdout: serial is stdout too and both cannot share it; \
+             set serial to off or a file"
+        );
+        config.serial = SerialConfig::Off;
+        config.validate().unwrap();
+        config.serial = SerialConfig::File("/tmp/s".into());
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn console_paths_validated() {
+        let mut config = minimal();
+        config.console = ConsoleConfig::File(PathBuf::new());
+        assert_eq!(
+            validate_err(&config),
+            "invalid console \"\": the path is empty"
+        );
+        config.console = ConsoleConfig::Socket(PathBuf::from("/".repeat(108)));
+        assert!(
+            validate_err(&config).contains("a unix socket path is at most 107 bytes"),
+            "{}",
+            validate_err(&config)
+        );
+        config.console = ConsoleConfig::Socket(PathBuf::from("/".repeat(107)));
+        config.validate().unwrap();
+    }
+
+    fn port(name: &str, socket: &str) -> PortConfig {
+        PortConfig {
+            name: name.into(),
+            socket: socket.into(),
+        }
+    }
+
+    #[test]
+    fn ports_json() {
+        let config = with(
+            r#""ports":[{"name":"agent.channel.0","socket":"/run/a.sock"},{"name":"b","socket":"/b"}]"#,
+        )
+        .unwrap();
+        assert_eq!(
+            config.ports,
+            vec![port("agent.channel.0", "/run/a.sock"), port("b", "/b")]
+        );
+        assert!(config.has_virtio_console());
+        config.validate().unwrap();
+        let msg = with(r#""ports":[{"name":"a","socket":"/a","mode":1}]"#)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("unknown field `mode`"), "{msg}");
+        let msg = with(r#""ports":[{"name":"a"}]"#).unwrap_err().to_string();
+        assert!(msg.contains("missing field `socket`"), "{msg}");
+    }
+
+    #[test]
+    fn port_from_str() {
+        assert_eq!(
+            "name=agent.channel.0,socket=/run/a.sock"
+                .parse::<PortConfig>()
+                .unwrap(),
+            port("agent.channel.0", "/run/a.sock")
+        );
+        assert_eq!(
+            "socket=/s=x,name=n".parse::<PortConfig>().unwrap(),
+            port("n", "/s=x")
+        );
+        let err = |s: &str| s.parse::<PortConfig>().unwrap_err().to_string();
+        assert_eq!(
+            err("name=a"),
+            "missing socket=PATH (expected name=NAME,socket=PATH)"
+        );
+        assert_eq!(
+            err("socket=/a"),
+            "missing name=NAME (expected name=NAME,socket=PATH)"
+        );
+        assert_eq!(err("name=a,name=b,socket=/s"), "name= given twice");
+        assert_eq!(
+            err("name=a,path=/s"),
+            "unknown key \"path\": expected name=NAME,socket=PATH"
+        );
+        assert_eq!(
+            err("agent"),
+            "expected name=NAME,socket=PATH, found \"agent\" without '='"
+        );
+        let p = port("a.b", "/x/y");
+        assert_eq!(p.to_string().parse::<PortConfig>().unwrap(), p);
+    }
+
+    #[test]
+    fn ports_validated() {
+        let check = |ports: Vec<PortConfig>| {
+            let mut config = minimal();
+            config.ports = ports;
+            config.validate().map_err(|e| e.to_string())
+        };
+        check(vec![port("agent.channel.0", "/a"), port("x", "/b")]).unwrap();
+        assert_eq!(
+            check(vec![port("", "/a")]).unwrap_err(),
+            "invalid ports name=\"\": the port name is empty"
+        );
+        assert_eq!(
+            check(vec![port(&"n".repeat(128), "/a")]).unwrap_err(),
+            "invalid ports (128 bytes): a port name is at most 127 bytes"
+        );
+        check(vec![port(&"n".repeat(127), "/a")]).unwrap();
+        assert_eq!(
+            check(vec![port("a/b", "/a")]).unwrap_err(),
+            "invalid ports name=\"a/b\": a port name cannot contain '/' \
+             (it names /dev/virtio-ports/<name>)"
+        );
+        assert!(check(vec![port("a b", "/a")])
+            .unwrap_err()
+            .contains("cannot contain ' '"));
+        assert!(check(vec![port("a\tb", "/a")])
+            .unwrap_err()
+            .contains("cannot contain '\\t'"));
+        assert!(check(vec![port("a\0b", "/a")])
+            .unwrap_err()
+            .contains("cannot contain '\\0'"));
+        assert_eq!(
+            check(vec![port("a", "/a"), port("a", "/b")]).unwrap_err(),
+            "invalid ports name=\"a\": two ports have this name"
+        );
+        assert_eq!(
+            check(vec![port("a", "/s"), port("b", "/s")]).unwrap_err(),
+            "invalid ports socket=/s: two ports use this socket"
+        );
+        assert_eq!(
+            check(vec![port("a", "")]).unwrap_err(),
+            "invalid ports name=\"a\": the socket path is empty"
+        );
+        assert!(check(vec![port("a", &"/".repeat(200))])
+            .unwrap_err()
+            .contains("at most 107 bytes"));
+        let many = (0..=MAX_PORTS)
+            .map(|i| port(&format!("p{i}"), &format!("/s{i}")))
+            .collect();
+        assert_eq!(
+            check(many).unwrap_err(),
+            "invalid ports: 31 named ports given, at most 30 are supported"
+        );
+
+        let mut config = minimal();
+        config.console = ConsoleConfig::Socket("/s".into());
+        config.ports = vec![port("a", "/s")];
+        assert_eq!(
+            validate_err(&config),
+            "invalid ports socket=/s: console uses this socket too"
         );
     }
 

@@ -6,5 +6,6 @@ pub mod config;
 
 pub use cli::{Cli, LogLevel};
 pub use config::{
-    BootConfig, ConfigError, MachineConfig, PvmParams, SerialConfig, VmConfig, MAX_VCPUS,
+    BootConfig, ConfigError, ConsoleConfig, MachineConfig, PortConfig, PvmParams, RngConfig,
+    SerialConfig, VmConfig, DEFAULT_RNG_SOURCE, MAX_PORTS, MAX_PORT_NAME_LEN, MAX_VCPUS,
 };

@@ -2,6 +2,7 @@
 
 pub mod arch;
 pub mod cli;
+pub mod device_manager;
 pub mod event_loop;
 pub mod kvm;
 pub mod loader;
@@ -12,7 +13,7 @@ pub mod seccomp;
 pub mod vcpu;
 
 use std::fs::OpenOptions;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -68,6 +69,12 @@ pub enum VmmError {
     },
     #[error("device layout: {0}")]
     Bus(#[from] devices::BusError),
+    #[error(transparent)]
+    Devices(#[from] device_manager::DeviceError),
+    #[error(transparent)]
+    Rng(#[from] devices::virtio::rng::RngError),
+    #[error(transparent)]
+    Console(#[from] devices::virtio::console::ConsoleError),
 }
 
 /// The kernel command line the guest gets: the user's, plus what a PVM host needs.
@@ -125,8 +132,6 @@ impl Drop for RawTerminal {
     }
 }
 
-use std::io::IsTerminal;
-
 /// Legacy devices on the PIO bus: COM1, the i8042 and the ACPI sleep/reset register.
 fn legacy_devices(
     vm: &VmFd,
@@ -148,7 +153,7 @@ fn legacy_devices(
         serial_output(&config.serial)?,
     )));
 
-    let mut pio = Bus::new();
+    let pio = Bus::new();
     pio.insert(serial.clone(), u64::from(layout::COM1_PORT), 8)?;
     let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone())));
     // Data port 0x60 through command port 0x64, one device.
@@ -173,7 +178,8 @@ fn load_guest(
         None => None,
     };
     let cmdline_size = loader::load_kernel_cmdline(mem, cmdline)?;
-    let rsdp = acpi::create_acpi_tables(mem, config.machine.vcpus)?;
+    let rsdp =
+        acpi::create_acpi_tables(mem, config.machine.vcpus, device_manager::wants_pci(config))?;
     let params = boot_params::build_boot_params(&boot_params::BootInfo {
         setup_header: kernel.setup_header,
         cmdline_size,
@@ -194,23 +200,31 @@ pub fn run_vm(config: &VmConfig) -> Result<ExitReason, VmmError> {
     let stdin = (config.serial == SerialConfig::Stdout && event_loop::fd_is_open(0))
         // SAFETY: fd 0 is open and from here on owned by the console input alone.
         .then(|| unsafe { OwnedFd::from_raw_fd(0) });
+    let build_start = std::time::Instant::now();
+    let phase =
+        |name: &str| log::debug!("{name} done at +{} us", build_start.elapsed().as_micros());
     let filters = Arc::new(SeccompFilters::builtin()?);
     let vcpus = config.machine.vcpus;
 
     let kvm = kvm::open_kvm(vcpus)?;
+    phase("open /dev/kvm");
     let mem = memory::create_guest_memory(config.machine.memory_mib)?;
-    let vm = kvm::create_vm(&kvm, &mem)?;
+    phase("guest memory");
+    let vm = Arc::new(kvm::create_vm(&kvm, &mem)?);
+    phase("create VM");
     let cmdline = effective_cmdline(config, pvm::is_pvm_host());
     let entry = load_guest(&mem, config, &cmdline)?;
+    phase("load kernel, initrd, tables");
 
     let exit = Arc::new(ExitNotifier::new().map_err(|source| VmmError::Setup {
         what: "the exit event",
         source,
     })?);
     let (pio, serial) = legacy_devices(&vm, config, &exit)?;
+    let devices = device_manager::build_devices(&vm, &mem, config, &pio)?;
     let context = VcpuContext {
         pio: Arc::new(pio),
-        mmio: Arc::new(Bus::new()),
+        mmio: devices.mmio_bus(),
         exit: exit.clone(),
         exit_count: Arc::new(AtomicU64::new(0)),
     };
@@ -243,7 +257,11 @@ pub fn run_vm(config: &VmConfig) -> Result<ExitReason, VmmError> {
     if let Some(fd) = stdin {
         event_loop.add(Arc::new(Mutex::new(ConsoleInput::new(fd, serial))));
     }
+    for subscriber in devices.subscribers() {
+        event_loop.add(subscriber);
+    }
 
+    phase("vCPUs and devices");
     let started = std::time::Instant::now();
     for vcpu in vcpu_list {
         vcpu.start(context.clone(), filters.clone())?;
@@ -258,6 +276,10 @@ pub fn run_vm(config: &VmConfig) -> Result<ExitReason, VmmError> {
         elapsed.as_secs_f64(),
         exits as f64 / elapsed.as_secs_f64().max(1e-9)
     );
+    log::info!(
+        "PCI configuration space accesses (each a vCPU exit): {}",
+        devices.pci_config_exits()
+    );
     Ok(reason)
 }
 
@@ -268,4 +290,29 @@ fn name_current_thread(name: &str) {
     buf[..len].copy_from_slice(&name.as_bytes()[..len]);
     // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes from `buf`.
     unsafe { libc::prctl(libc::PR_SET_NAME, buf.as_ptr()) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(pvm_params: PvmParams) -> VmConfig {
+        let mut config: VmConfig =
+            serde_json::from_str(r#"{"boot": {"kernel": "/k", "cmdline": "console=ttyS0"}}"#)
+                .unwrap();
+        config.boot.pvm_params = pvm_params;
+        config
+    }
+
+    #[test]
+    fn pvm_parameters_follow_the_host_unless_forced() {
+        let auto = config(PvmParams::Auto);
+        assert_eq!(effective_cmdline(&auto, false), "console=ttyS0");
+        assert!(effective_cmdline(&auto, true).contains("noxsave"));
+        assert!(effective_cmdline(&config(PvmParams::On), false).contains("pvm_syscall"));
+        assert_eq!(
+            effective_cmdline(&config(PvmParams::Off), true),
+            "console=ttyS0"
+        );
+    }
 }

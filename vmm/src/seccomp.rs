@@ -135,6 +135,30 @@ mod tests {
     }
 
     #[test]
+    fn vcpus_may_program_msi_routes_and_hand_out_queue_eventfds() {
+        let status = in_filtered_child(VCPU_THREAD, || {
+            // SAFETY: ioctls on an invalid fd with a null argument fail with EBADF before the
+            // kernel reads anything; fcntl duplicates stderr; close closes the duplicate.
+            unsafe {
+                libc::ioctl(-1, 0x4008_ae6a, std::ptr::null::<u8>()); // KVM_SET_GSI_ROUTING
+                libc::ioctl(-1, 0x4040_ae79, std::ptr::null::<u8>()); // KVM_IOEVENTFD
+                let fd = libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 3);
+                libc::close(fd);
+            }
+        });
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "{status:#x}"
+        );
+        // Other KVM ioctls stay forbidden (KVM_IRQFD: only the vmm thread wires irqfds, at boot).
+        let status = in_filtered_child(VCPU_THREAD, || {
+            // SAFETY: as above, an invalid fd.
+            unsafe { libc::ioctl(-1, 0x4020_ae76, std::ptr::null::<u8>()) };
+        });
+        assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS);
+    }
+
+    #[test]
     fn an_allowed_syscall_succeeds() {
         for name in [VMM_THREAD, VCPU_THREAD] {
             let status = in_filtered_child(name, || {

@@ -12,6 +12,9 @@
 //! This split is why activation cannot deadlock against the event loop (the trap Dragonball
 //! documents): a vCPU never waits for the `vmm` thread.
 
+pub mod console;
+pub mod rng;
+
 use std::sync::Arc;
 
 use event_manager::MutEventSubscriber;

@@ -1,4 +1,4 @@
-//! The guest's ACPI tables: RSDP → XSDT → {FADT → DSDT, MADT}.
+//! The guest's ACPI tables: RSDP → XSDT → {FADT → DSDT, MADT, MCFG}.
 //!
 //! The platform is *hardware-reduced* ACPI (FADT flag HW_REDUCED_ACPI): no PM1 event/control
 //! blocks, no SCI, no GPEs, no FACS. Linux then powers off by writing `SLP_TYP << 2 | SLP_EN` to
@@ -14,11 +14,12 @@ use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{EnabledStatus, IoApic, ProcessorLocalApic};
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{Aml, AmlSink};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::layout;
 
@@ -76,19 +77,31 @@ pub enum AcpiError {
 }
 
 /// Builds the ACPI tables for `num_cpus` vCPUs into `mem` and returns the RSDP's address (for the
-/// zero page's `acpi_rsdp_addr`; the RSDP also sits in the BIOS area the kernel scans).
-pub fn create_acpi_tables(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<GuestAddress, AcpiError> {
+/// zero page's `acpi_rsdp_addr`; the RSDP also sits in the BIOS area the kernel scans). With
+/// `pci`, the MCFG and the DSDT's host bridge describe the PCI bus.
+pub fn create_acpi_tables(
+    mem: &GuestMemoryMmap,
+    num_cpus: u8,
+    pci: bool,
+) -> Result<GuestAddress, AcpiError> {
     if num_cpus == 0 || num_cpus > MAX_CPUS {
         return Err(AcpiError::CpuCount(num_cpus));
     }
 
+    // The 64-bit PCI window follows the end of RAM.
+    let mem_size = mem.iter().map(|region| region.len()).sum();
+    let mmio64 = layout::pci_mmio64_window(mem_size);
     let mut tables = TablePlacer::new(layout::ACPI_TABLES_START);
-    let dsdt = tables.place("DSDT", dsdt())?;
+    let dsdt = tables.place("DSDT", dsdt(pci.then_some(mmio64)))?;
     let fadt = tables.place("FACP", fadt(dsdt))?;
     let madt = tables.place("APIC", madt(num_cpus))?;
-    // Later tables (MCFG for PCI MMCONFIG, NFIT for the NVDIMM) are placed here and their
-    // addresses added to this list.
-    let xsdt = tables.place("XSDT", xsdt(&[fadt, madt]))?;
+    let mut listed = vec![fadt, madt];
+    if pci {
+        listed.push(tables.place("MCFG", mcfg())?);
+    }
+    // Later tables (NFIT for the NVDIMM) are placed here and their addresses added to this
+    // list.
+    let xsdt = tables.place("XSDT", xsdt(&listed))?;
 
     for (table, addr, bytes) in &tables.placed {
         write(mem, table, *addr, bytes)?;
@@ -236,6 +249,13 @@ fn madt(num_cpus: u8) -> Vec<u8> {
     madt.as_slice().to_vec()
 }
 
+/// MCFG: ECAM for segment 0, bus 0 only (so the guest never probes other buses).
+fn mcfg() -> Vec<u8> {
+    let mut mcfg = MCFG::new(OEM_ID, *b"CHAPMCFG", OEM_REVISION);
+    mcfg.add_ecam(layout::PCI_MMCONFIG_START, 0, 0, 0);
+    aml_bytes(&mcfg)
+}
+
 /// XSDT listing the given tables (the FADT first, as the spec asks).
 fn xsdt(tables: &[u64]) -> Vec<u8> {
     let mut xsdt = XSDT::new(OEM_ID, *b"CHAPXSDT", OEM_REVISION);
@@ -246,7 +266,7 @@ fn xsdt(tables: &[u64]) -> Vec<u8> {
 }
 
 /// DSDT: the header around `dsdt_body`.
-fn dsdt() -> Vec<u8> {
+fn dsdt(pci_mmio64: Option<(u64, u64)>) -> Vec<u8> {
     let mut dsdt = Sdt::new(
         *b"DSDT",
         SDT_HEADER_LEN,
@@ -255,7 +275,7 @@ fn dsdt() -> Vec<u8> {
         *b"CHAPDSDT",
         OEM_REVISION,
     );
-    dsdt.append_slice(&dsdt_body());
+    dsdt.append_slice(&dsdt_body(pci_mmio64));
     dsdt.as_slice().to_vec()
 }
 
@@ -287,10 +307,40 @@ fn isa_device(sink: &mut dyn AmlSink, name: &str, hid: &str, resources: Vec<&dyn
     aml::Device::new(name.into(), vec![&hid, &uid, &crs]).to_aml_bytes(sink);
 }
 
-/// The DSDT's AML: what the guest's ACPI interpreter enumerates. Devices go into `\_SB_` here;
-/// the PCI host bridge (`\_SB_.PCI0`: _HID PNP0A08/_CID PNP0A03, _SEG, _BBN, _CRS with the bus
-/// range and MMIO/I/O windows, _PRT) will be appended to `system_bus` the same way.
-fn dsdt_body() -> Vec<u8> {
+/// `\_SB_.PCI0`, the PCI host bridge: bus 0 only, the config ports, and the two BAR windows.
+/// Linux keeps the BARs we assigned because they lie inside these windows. No _PRT: our
+/// devices interrupt through MSI-X only.
+fn pci_host_bridge(sink: &mut dyn AmlSink, mmio64: (u64, u64)) {
+    let hid = aml::EISAName::new("PNP0A08");
+    let cid = aml::EISAName::new("PNP0A03");
+    let hid = aml::Name::new("_HID".into(), &hid);
+    let cid = aml::Name::new("_CID".into(), &cid);
+    let seg = aml::Name::new("_SEG".into(), &aml::ZERO);
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
+    let buses = aml::AddressSpace::new_bus_number(0u16, 0u16);
+    let config_ports = fixed_io(layout::PCI_CONFIG_IO_PORT, layout::PCI_CONFIG_IO_LEN as u8);
+    let mmio32 = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        layout::PCI_MMIO32_START as u32,
+        (layout::PCI_MMIO32_START + layout::PCI_MMIO32_SIZE - 1) as u32,
+        None,
+    );
+    let mmio64 = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        mmio64.0,
+        mmio64.0 + mmio64.1 - 1,
+        None,
+    );
+    let crs = aml::ResourceTemplate::new(vec![&buses, &config_ports, &mmio32, &mmio64]);
+    let crs = aml::Name::new("_CRS".into(), &crs);
+    aml::Device::new("PCI0".into(), vec![&hid, &cid, &seg, &uid, &bbn, &crs]).to_aml_bytes(sink);
+}
+
+/// The DSDT's AML: what the guest's ACPI interpreter enumerates. Devices go into `\_SB_` here.
+fn dsdt_body(pci_mmio64: Option<(u64, u64)>) -> Vec<u8> {
     let mut body = Vec::new();
 
     // `\_S5_`: {SLP_TYPa, SLP_TYPb, reserved, reserved}. Linux offers ACPI power-off only when
@@ -325,6 +375,17 @@ fn dsdt_body() -> Vec<u8> {
             &fixed_io(layout::I8042_COMMAND_PORT, 1),
         ],
     );
+    if let Some(mmio64) = pci_mmio64 {
+        pci_host_bridge(&mut system_bus, mmio64);
+        // Motherboard resources: the ECAM window. Linux uses MMCONFIG only where firmware
+        // reserves it, here or in the E820 map.
+        let mmconfig = aml::Memory32Fixed::new(
+            true,
+            layout::PCI_MMCONFIG_START as u32,
+            layout::PCI_MMCONFIG_SIZE as u32,
+        );
+        isa_device(&mut system_bus, "MBRD", "PNP0C02", vec![&mmconfig]);
+    }
     body.extend(aml::Scope::raw("\\_SB_".into(), system_bus));
     body
 }
@@ -402,11 +463,12 @@ mod tests {
         fadt: (u64, Vec<u8>),
         madt: (u64, Vec<u8>),
         dsdt: (u64, Vec<u8>),
+        mcfg: (u64, Vec<u8>),
     }
 
     fn build(num_cpus: u8) -> Tables {
         let mem = guest_memory();
-        let rsdp_addr = create_acpi_tables(&mem, num_cpus).unwrap();
+        let rsdp_addr = create_acpi_tables(&mem, num_cpus, true).unwrap();
         assert_eq!(rsdp_addr, GuestAddress(layout::RSDP_ADDR));
 
         let rsdp = read(&mem, layout::RSDP_ADDR, 36);
@@ -423,11 +485,13 @@ mod tests {
             .chunks(8)
             .map(|e| u64::from_le_bytes(e.try_into().unwrap()))
             .collect();
-        assert_eq!(entries.len(), 2);
+        assert_eq!(entries.len(), 3);
         let fadt_addr = entries[0];
         let madt_addr = entries[1];
+        let mcfg_addr = entries[2];
         let fadt = read_sdt(&mem, fadt_addr, b"FACP");
         let madt = read_sdt(&mem, madt_addr, b"APIC");
+        let mcfg = read_sdt(&mem, mcfg_addr, b"MCFG");
         let dsdt_addr = u64_at(&fadt, FADT_X_DSDT);
         let dsdt = read_sdt(&mem, dsdt_addr, b"DSDT");
 
@@ -437,6 +501,7 @@ mod tests {
             (fadt_addr, fadt.len()),
             (madt_addr, madt.len()),
             (dsdt_addr, dsdt.len()),
+            (mcfg_addr, mcfg.len()),
         ];
         spans.sort();
         assert_eq!(spans[0].0, layout::ACPI_TABLES_START);
@@ -453,6 +518,7 @@ mod tests {
             fadt: (fadt_addr, fadt),
             madt: (madt_addr, madt),
             dsdt: (dsdt_addr, dsdt),
+            mcfg: (mcfg_addr, mcfg),
         }
     }
 
@@ -588,14 +654,50 @@ mod tests {
     }
 
     #[test]
+    fn mcfg_maps_bus_zero_and_the_dsdt_has_the_host_bridge() {
+        let tables = build(1);
+        let (_, mcfg) = &tables.mcfg;
+        // Header, 8 reserved bytes, one 16-byte allocation.
+        assert_eq!(mcfg.len(), 36 + 8 + 16);
+        let entry = &mcfg[44..];
+        assert_eq!(u64_at(entry, 0), layout::PCI_MMCONFIG_START);
+        assert_eq!(u16_at(entry, 8), 0, "segment");
+        assert_eq!((entry[10], entry[11]), (0, 0), "buses 0-0");
+        let (_, dsdt) = &tables.dsdt;
+        assert!(contains(dsdt, b"PCI0"));
+        assert!(contains(dsdt, b"MBRD"));
+        // IO (Decode16, 0xcf8, 0xcf8, 1, 8).
+        assert!(contains(dsdt, &[0x47, 1, 0xf8, 0x0c, 0xf8, 0x0c, 1, 8]));
+        // Memory32Fixed (ReadWrite, 0xe0000000, 0x100000).
+        assert!(contains(
+            dsdt,
+            &[0x86, 9, 0, 1, 0, 0, 0, 0xe0, 0, 0, 0x10, 0]
+        ));
+    }
+
+    #[test]
+    fn without_pci_there_is_no_mcfg_and_no_host_bridge() {
+        let mem = guest_memory();
+        create_acpi_tables(&mem, 1, false).unwrap();
+        let rsdp = read(&mem, layout::RSDP_ADDR, 36);
+        let xsdt = read_sdt(&mem, u64_at(&rsdp, 24), b"XSDT");
+        assert_eq!(xsdt.len(), 36 + 2 * 8, "FADT and MADT only");
+        let fadt = read_sdt(&mem, u64_at(&xsdt, 36), b"FACP");
+        let dsdt = read_sdt(&mem, u64_at(&fadt, FADT_X_DSDT), b"DSDT");
+        assert!(!contains(&dsdt, b"PCI0"));
+        assert!(!contains(&dsdt, b"MBRD"));
+        assert!(contains(&dsdt, b"COM1"));
+    }
+
+    #[test]
     fn bad_cpu_counts_are_refused() {
         let mem = guest_memory();
         assert!(matches!(
-            create_acpi_tables(&mem, 0),
+            create_acpi_tables(&mem, 0, true),
             Err(AcpiError::CpuCount(0))
         ));
         assert!(matches!(
-            create_acpi_tables(&mem, 255),
+            create_acpi_tables(&mem, 255, true),
             Err(AcpiError::CpuCount(255))
         ));
     }
@@ -604,7 +706,7 @@ mod tests {
     fn memory_without_the_acpi_area_is_an_error() {
         // 512 KiB of RAM: the ACPI area at 0xe0000 does not exist.
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 512 << 10)]).unwrap();
-        let err = create_acpi_tables(&mem, 1).unwrap_err();
+        let err = create_acpi_tables(&mem, 1, true).unwrap_err();
         assert!(matches!(err, AcpiError::Write { .. }), "{err}");
     }
 
@@ -649,6 +751,7 @@ mod tests {
             ("xsdt", &tables.xsdt.1),
             ("facp", &tables.fadt.1),
             ("apic", &tables.madt.1),
+            ("mcfg", &tables.mcfg.1),
             ("dsdt", &tables.dsdt.1),
         ];
         let mut decoded = String::new();
@@ -677,6 +780,16 @@ mod tests {
             "Address : FEC00000",
             "Subtable Type : 04 [Local APIC NMI]",
             "Interrupt Input LINT : 01",
+            "Base Address : 00000000E0000000",
+            "End Bus Number : 00",
+            "EisaId (\"PNP0A08\")",
+            "EisaId (\"PNP0A03\")",
+            "EisaId (\"PNP0C02\")",
+            "WordBusNumber (ResourceProducer",
+            "0xDFFFFFFF",
+            "QWordMemory (ResourceProducer",
+            "0x00000004FFFFFFFF",
+            "Memory32Fixed (ReadWrite",
         ] {
             assert!(
                 decoded.contains(expected),

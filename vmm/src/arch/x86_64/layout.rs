@@ -11,7 +11,10 @@
 //! 0x000e_0000  RSDP and ACPI tables (reserved, up to 1 MiB)
 //! 0x0010_0000  high memory: kernel, then initrd at the top of low RAM
 //! 0xc000_0000  32-bit MMIO hole (3 GiB .. 4 GiB): PCI BARs, MMCONFIG, IOAPIC, LAPIC
+//!   0xc000_0000  32-bit PCI BAR window (512 MiB)
+//!   0xe000_0000  PCI MMCONFIG (ECAM), bus 0 only (1 MiB)
 //! 0x1_0000_0000 RAM above the hole
+//! above RAM, 1 GiB aligned: the 64-bit PCI BAR window (16 GiB)
 //! ```
 
 use vm_memory::GuestAddress;
@@ -44,6 +47,23 @@ pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
 pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
 pub const RAM_HIGH_START: u64 = MMIO_HOLE_END;
 
+/// PCI: BARs below 4 GiB come from this window, which the DSDT's host bridge describes.
+pub const PCI_MMIO32_START: u64 = MMIO_HOLE_START;
+pub const PCI_MMIO32_SIZE: u64 = 512 << 20;
+/// ECAM for bus 0 (one bus: 32 devices x 8 functions x 4 KiB), described by the MCFG.
+pub const PCI_MMCONFIG_START: u64 = 0xe000_0000;
+pub const PCI_MMCONFIG_SIZE: u64 = 1 << 20;
+/// Configuration mechanism #1 ports (address 0xcf8, data 0xcfc-0xcff).
+pub const PCI_CONFIG_IO_PORT: u16 = 0xcf8;
+pub const PCI_CONFIG_IO_LEN: u16 = 8;
+/// The 64-bit BAR window: above RAM, aligned, this large.
+pub const PCI_MMIO64_ALIGN: u64 = 1 << 30;
+pub const PCI_MMIO64_SIZE: u64 = 16 << 30;
+/// GSIs 0-23 are the IOAPIC's pins; MSI vectors get GSIs from here on.
+pub const MSI_GSI_START: u32 = 24;
+/// KVM's routing table holds at most 4096 entries; stay well inside.
+pub const MSI_GSI_END: u32 = 1023;
+
 /// I/O ports of the legacy devices and of our ACPI sleep/reset register.
 pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
@@ -69,6 +89,15 @@ pub fn ram_regions(mem_size: u64) -> Vec<(GuestAddress, u64)> {
     regions
 }
 
+/// The 64-bit PCI BAR window (start, size) for a guest with `mem_size` bytes of RAM.
+pub fn pci_mmio64_window(mem_size: u64) -> (u64, u64) {
+    let ram_end = ram_regions(mem_size)
+        .last()
+        .map_or(RAM_HIGH_START, |(start, len)| start.0 + len)
+        .max(RAM_HIGH_START);
+    (ram_end.next_multiple_of(PCI_MMIO64_ALIGN), PCI_MMIO64_SIZE)
+}
+
 /// The end (exclusive) of RAM below the MMIO hole.
 pub fn low_ram_end(mem_size: u64) -> u64 {
     mem_size.min(MMIO_HOLE_START)
@@ -80,6 +109,11 @@ const _: () = assert!(RSDP_ADDR < ACPI_TABLES_START && ACPI_TABLES_START < ACPI_
 const _: () = assert!(KVM_IDENTITY_MAP_ADDR + 4096 <= KVM_TSS_ADDR);
 const _: () =
     assert!(KVM_TSS_ADDR >= LAPIC_ADDR + 4096 && KVM_TSS_ADDR + 3 * 4096 <= MMIO_HOLE_END);
+// The PCI windows sit in the hole, apart from each other and from the IOAPIC.
+const _: () = assert!(PCI_MMIO32_START >= MMIO_HOLE_START);
+const _: () = assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_MMCONFIG_START);
+const _: () = assert!(PCI_MMCONFIG_START + PCI_MMCONFIG_SIZE <= IOAPIC_ADDR);
+const _: () = assert!(PCI_MMCONFIG_START.is_multiple_of(PCI_MMCONFIG_SIZE));
 
 #[cfg(test)]
 mod tests {
@@ -100,6 +134,14 @@ mod tests {
             (GuestAddress(1 << 32), (4 << 30) - MMIO_HOLE_START)
         );
         assert_eq!(low_ram_end(4 << 30), MMIO_HOLE_START);
+    }
+
+    #[test]
+    fn pci_64_bit_window_is_above_ram_and_aligned() {
+        assert_eq!(pci_mmio64_window(256 << 20), (1 << 32, PCI_MMIO64_SIZE));
+        assert_eq!(pci_mmio64_window(4 << 30), (5 << 30, PCI_MMIO64_SIZE));
+        let (start, _) = pci_mmio64_window((4 << 30) + 1);
+        assert_eq!(start, 6 << 30);
     }
 
     #[test]

@@ -1,0 +1,254 @@
+//! Host side of the console ports: unix sockets chapeau listens on (one client at a time, like
+//! QEMU's `chardev socket,server,nowait`) and the stdout/file output of port 0. Every fd here is
+//! non-blocking, so neither the event loop nor a vCPU ever waits on a host peer.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use vmm_sys_util::epoll::EventSet;
+
+use super::ConsoleError;
+
+/// A unix socket we listen on, and its client while one is connected.
+pub(super) struct SocketBackend {
+    pub path: PathBuf,
+    pub listener: UnixListener,
+    /// (st_dev, st_ino) of the socket file we created, so drop removes only our own file.
+    identity: Option<(u64, u64)>,
+    pub listener_registered: bool,
+    pub client: Option<Client>,
+}
+
+/// Where a connected client's session is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ClientState {
+    /// Connected; bytes flow both ways.
+    Open,
+    /// The peer hung up while we were not reading (the guest applied back-pressure); what it
+    /// sent is still in the socket and gets read once the guest takes more.
+    HungUp,
+    /// Read end reached EOF or failed: nothing more to read; the session ends once what we
+    /// already read has reached the guest (or the guest closed the port).
+    Closing,
+}
+
+pub(super) struct Client {
+    pub stream: UnixStream,
+    /// The interest currently registered with epoll, if the fd is registered.
+    pub registered: Option<EventSet>,
+    pub state: ClientState,
+    /// A send failed (peer gone): guest output for this session is dropped from now on.
+    pub write_broken: bool,
+}
+
+impl SocketBackend {
+    /// Binds `path`, first removing a stale socket file there (never any other kind of file).
+    pub fn listen(path: &Path) -> Result<Self, ConsoleError> {
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_socket() => {
+                std::fs::remove_file(path).map_err(|source| ConsoleError::RemoveStale {
+                    path: path.to_path_buf(),
+                    source,
+                })?
+            }
+            Ok(_) => {
+                return Err(ConsoleError::NotASocket {
+                    path: path.to_path_buf(),
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(ConsoleError::Listen {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        }
+        let listen_err = |source| ConsoleError::Listen {
+            path: path.to_path_buf(),
+            source,
+        };
+        let listener = UnixListener::bind(path).map_err(listen_err)?;
+        listener.set_nonblocking(true).map_err(listen_err)?;
+        let identity = std::fs::symlink_metadata(path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        Ok(SocketBackend {
+            path: path.to_path_buf(),
+            listener,
+            identity,
+            listener_registered: false,
+            client: None,
+        })
+    }
+
+    /// Accepts one pending connection, non-blocking. `Ok(false)`: nobody is waiting.
+    /// accept4 with SOCK_NONBLOCK (rather than std's accept + set_nonblocking) keeps the
+    /// FIONBIO ioctl out of the vmm thread's seccomp policy.
+    pub fn accept(&mut self) -> io::Result<bool> {
+        // SAFETY: null address pointers ask accept4 for no peer address, so it writes no
+        // memory; it only returns a new fd or -1.
+        let fd = unsafe {
+            libc::accept4(
+                self.listener.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(false),
+                // The peer gave up before we took it: nothing to do.
+                _ if e.raw_os_error() == Some(libc::ECONNABORTED) => Ok(false),
+                _ => Err(e),
+            };
+        }
+        // SAFETY: `fd` is a new descriptor that nothing else owns.
+        let stream = UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        self.client = Some(Client {
+            stream,
+            registered: None,
+            state: ClientState::Open,
+            write_broken: false,
+        });
+        Ok(true)
+    }
+
+    /// A client that can take guest output.
+    pub fn writable_client(&mut self) -> Option<&mut Client> {
+        self.client.as_mut().filter(|c| !c.write_broken)
+    }
+}
+
+impl Drop for SocketBackend {
+    fn drop(&mut self) {
+        // Leave no socket file behind, but never remove one that replaced ours.
+        let ours = std::fs::symlink_metadata(&self.path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        if ours.is_some() && ours == self.identity {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// `send(2)` with MSG_NOSIGNAL (a vanished peer is an EPIPE error, never a SIGPIPE) and
+/// MSG_DONTWAIT.
+pub(super) fn send(stream: &UnixStream, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is a live slice, valid for reads of `buf.len()` bytes for the whole call;
+    // the fd belongs to `stream`, which outlives the call.
+    let n = unsafe {
+        libc::send(
+            stream.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+        )
+    };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// Port 0's stdout or file output.
+pub(super) struct Sink {
+    pub file: File,
+    /// Registered with epoll for EPOLLOUT (only while output waits).
+    pub registered: bool,
+    /// Output failed or cannot be polled: further output is dropped.
+    pub failed: bool,
+}
+
+impl Sink {
+    /// A new open file description for our stdout with O_NONBLOCK, so a slow terminal or
+    /// pipe reader never stalls the event loop, and without touching the flags of the
+    /// description we share with our parent. Falls back to a (blocking) duplicate where
+    /// /proc is missing or stdout is a socket.
+    pub fn stdout() -> Result<Self, ConsoleError> {
+        let file = match OpenOptions::new()
+            .append(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open("/proc/self/fd/1")
+        {
+            Ok(file) => file,
+            Err(e) => {
+                log::info!("console: cannot reopen stdout non-blocking ({e}); writes may block");
+                let fd = io::stdout()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(ConsoleError::Stdout)?;
+                File::from(fd)
+            }
+        };
+        Ok(Sink {
+            file,
+            registered: false,
+            failed: false,
+        })
+    }
+
+    /// Creates or truncates `path`; O_NONBLOCK matters only for FIFOs.
+    pub fn file(path: &Path) -> Result<Self, ConsoleError> {
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|source| ConsoleError::Output {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok(Sink {
+            file,
+            registered: false,
+            failed: false,
+        })
+    }
+}
+
+/// What a flush attempt left behind.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Flush {
+    /// Everything went out (or was dropped).
+    Done,
+    /// The peer would block: wait for EPOLLOUT.
+    Blocked,
+}
+
+/// Writes as much of `buf` as `write` takes without blocking. On an error other than
+/// WouldBlock the rest is dropped and the error returned.
+pub(super) fn flush_with(
+    buf: &mut VecDeque<u8>,
+    mut write: impl FnMut(&[u8]) -> io::Result<usize>,
+) -> Result<Flush, io::Error> {
+    while !buf.is_empty() {
+        let (front, _) = buf.as_slices();
+        match write(front) {
+            Ok(0) => {
+                buf.clear();
+                return Err(io::Error::from(io::ErrorKind::WriteZero));
+            }
+            Ok(n) => {
+                buf.drain(..n.min(buf.len()));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flush::Blocked),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                buf.clear();
+                return Err(e);
+            }
+        }
+    }
+    Ok(Flush::Done)
+}
+
+/// `Write::write` for the sink file (a helper so callers can borrow the buffer separately).
+pub(super) fn write_file(file: &mut File, data: &[u8]) -> io::Result<usize> {
+    file.write(data)
+}

@@ -1,0 +1,495 @@
+//! virtio-rng (device type 4): one queue of device-writable buffers, filled from a host
+//! source (default /dev/urandom) on the `vmm` thread's event loop.
+//!
+//! A guest controls the descriptor chains, so each one is checked: a chain with a descriptor
+//! the device may not write, or one that points outside guest memory, completes with 0 bytes;
+//! chains that loop end when virtio-queue's iterator has seen a queue's worth of descriptors;
+//! at most `MAX_BYTES_PER_CHAIN` are produced per chain and `MAX_BYTES_PER_WAKE` per event
+//! (the rest waits for the next turn of the loop, so one guest cannot hog it).
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{
+    ActivateError, ActivatedQueue, InterruptKind, VirtioDevice, VirtioInterrupt, TYPE_RNG,
+    VIRTIO_F_VERSION_1,
+};
+
+pub const DEFAULT_SOURCE: &str = "/dev/urandom";
+pub const QUEUE_SIZE: u16 = 256;
+/// Bytes one chain can get (Linux asks for at most a page or two at a time).
+pub const MAX_BYTES_PER_CHAIN: u32 = 64 << 10;
+/// Bytes produced per event before yielding to the rest of the event loop.
+pub const MAX_BYTES_PER_WAKE: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RngError {
+    #[error("cannot open the entropy source {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot create the activation eventfd: {0}")]
+    EventFd(std::io::Error),
+}
+
+struct Active {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    queue: Queue,
+    notify: EventFd,
+    /// Whether `notify` is in the event loop's epoll set yet.
+    watched: bool,
+}
+
+pub struct Rng {
+    source: File,
+    acked_features: u64,
+    queue_sizes: [u16; 1],
+    /// Written by activate/reset (vCPU thread) so the event loop side picks up the change.
+    wake: EventFd,
+    active: Option<Active>,
+    /// Notify eventfds of a reset device, still in epoll until the event loop removes them.
+    retired: Vec<EventFd>,
+    buf: Vec<u8>,
+    /// Bytes handed to the guest, for tests and metrics.
+    bytes_served: u64,
+}
+
+impl Rng {
+    /// Opens `source` now (before the VMM's seccomp filter forbids open), non-blocking so a
+    /// source that runs dry never stalls the event loop.
+    pub fn new(source: &Path) -> Result<Self, RngError> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(source)
+            .map_err(|e| RngError::Open {
+                path: source.to_path_buf(),
+                source: e,
+            })?;
+        Ok(Self {
+            source: file,
+            acked_features: 0,
+            queue_sizes: [QUEUE_SIZE],
+            wake: EventFd::new(libc::EFD_NONBLOCK).map_err(RngError::EventFd)?,
+            active: None,
+            retired: Vec::new(),
+            buf: Vec::new(),
+            bytes_served: 0,
+        })
+    }
+
+    pub fn bytes_served(&self) -> u64 {
+        self.bytes_served
+    }
+
+    /// Fills one chain; returns the bytes written (0 for a chain we refuse).
+    fn fill_chain(
+        source: &mut File,
+        buf: &mut Vec<u8>,
+        mem: &GuestMemoryMmap,
+        chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    ) -> u32 {
+        let mut written: u32 = 0;
+        for desc in chain {
+            if !desc.is_write_only() {
+                // A buffer the driver meant for us to read: not an rng request.
+                return 0;
+            }
+            let room = MAX_BYTES_PER_CHAIN - written;
+            let len = desc.len().min(room) as usize;
+            if len == 0 {
+                break;
+            }
+            buf.resize(len, 0);
+            let n = match source.read(&mut buf[..len]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+                Err(e) => {
+                    log::warn!("virtio-rng: reading the source: {e}");
+                    0
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            if mem.write_slice(&buf[..n], desc.addr()).is_err() {
+                return 0;
+            }
+            // n <= len <= room, so this stays within MAX_BYTES_PER_CHAIN.
+            written += n as u32;
+            if n < len {
+                break;
+            }
+        }
+        written
+    }
+
+    /// Serves the queue; returns true when it stopped because of the per-wake budget.
+    pub fn process_queue(&mut self) -> bool {
+        let Some(active) = self.active.as_mut() else {
+            return false;
+        };
+        let mem = &active.mem;
+        let mut used_any = false;
+        let mut budget = MAX_BYTES_PER_WAKE;
+        let mut exhausted = false;
+        while let Some(chain) = active.queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let written = Self::fill_chain(&mut self.source, &mut self.buf, mem, chain);
+            if let Err(e) = active.queue.add_used(mem, head, written) {
+                log::warn!("virtio-rng: cannot complete a chain: {e:?}");
+                break;
+            }
+            used_any = true;
+            self.bytes_served += u64::from(written);
+            budget = budget.saturating_sub(u64::from(written).max(1));
+            if budget == 0 {
+                // Out of budget: come back later if the driver posted more.
+                exhausted = active
+                    .queue
+                    .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+                    .is_ok_and(|idx| idx.0 != active.queue.next_avail());
+                break;
+            }
+        }
+        if used_any && active.queue.needs_notification(mem).unwrap_or(true) {
+            if let Err(e) = active.interrupt.trigger(InterruptKind::Queue(0)) {
+                log::warn!("virtio-rng: cannot interrupt the guest: {e}");
+            }
+        }
+        if exhausted {
+            // Come back on the next turn of the loop for the rest.
+            let _ = active.notify.write(1);
+        }
+        exhausted
+    }
+
+    /// Brings the epoll set in line with the device state (event loop side).
+    fn sync_watches(&mut self, ops: &mut EventOps) {
+        for fd in self.retired.drain(..) {
+            let _ = ops.remove(Events::new(&fd, EventSet::IN));
+        }
+        if let Some(active) = self.active.as_mut() {
+            if !active.watched {
+                match ops.add(Events::new(&active.notify, EventSet::IN)) {
+                    Ok(()) => active.watched = true,
+                    Err(e) => log::error!("virtio-rng: cannot watch the queue: {e:?}"),
+                }
+            }
+        }
+    }
+}
+
+impl MutEventSubscriber for Rng {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.fd() == self.wake.as_raw_fd() {
+            let _ = self.wake.read();
+            self.sync_watches(ops);
+            // Buffers may have been posted before activation reached us.
+            self.process_queue();
+            return;
+        }
+        if let Some(active) = self.active.as_ref() {
+            if events.fd() == active.notify.as_raw_fd() {
+                let _ = active.notify.read();
+                self.process_queue();
+            }
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.wake, EventSet::IN)) {
+            log::error!("virtio-rng: cannot watch the activation event: {e:?}");
+        }
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        TYPE_RNG
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features();
+    }
+
+    /// virtio-rng has no configuration space.
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActivatedQueue>,
+    ) -> Result<(), ActivateError> {
+        let got = queues.len();
+        let Some(q) = queues.into_iter().next().filter(|_| got == 1) else {
+            return Err(ActivateError::QueueCount { expected: 1, got });
+        };
+        if !q.queue.ready() {
+            return Err(ActivateError::InvalidQueue { index: 0 });
+        }
+        self.active = Some(Active {
+            mem,
+            interrupt,
+            queue: q.queue,
+            notify: q.notify,
+            watched: false,
+        });
+        self.wake.write(1).map_err(ActivateError::Wake)
+    }
+
+    fn reset(&mut self) -> bool {
+        if let Some(active) = self.active.take() {
+            if active.watched {
+                self.retired.push(active.notify);
+            }
+            // The event loop drops the retired notify fd from its set.
+            let _ = self.wake.write(1);
+        }
+        self.acked_features = 0;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use event_manager::{EventManager, SubscriberOps};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestAddress;
+
+    #[derive(Default)]
+    struct CountingInterrupt(AtomicUsize);
+
+    impl VirtioInterrupt for CountingInterrupt {
+        fn trigger(&self, _kind: InterruptKind) -> std::io::Result<()> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    const MEM_SIZE: u64 = 4 << 20;
+    const DATA: u64 = 0x10_0000;
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap()
+    }
+
+    fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
+    }
+
+    /// An activated rng over a mock queue holding `descs` (chained by their NEXT flags);
+    /// returns it with its interrupt counter.
+    fn rng_with(
+        mem: &GuestMemoryMmap,
+        mock: &MockSplitQueue<GuestMemoryMmap>,
+        descs: &[RawDescriptor],
+    ) -> (Rng, Arc<CountingInterrupt>) {
+        mock.add_desc_chains(descs, 0).unwrap();
+        let mut rng = Rng::new(Path::new(DEFAULT_SOURCE)).unwrap();
+        let interrupt = Arc::new(CountingInterrupt::default());
+        rng.activate(
+            mem.clone(),
+            interrupt.clone(),
+            vec![ActivatedQueue {
+                queue: mock.create_queue().unwrap(),
+                notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            }],
+        )
+        .unwrap();
+        (rng, interrupt)
+    }
+
+    fn used(mock: &MockSplitQueue<GuestMemoryMmap>, i: u16) -> (u32, u32) {
+        let elem = mock.used().ring().ref_at(i.into()).unwrap().load();
+        (elem.id(), elem.len())
+    }
+
+    #[test]
+    fn fills_writable_buffers() {
+        let mem = memory();
+        let mock = MockSplitQueue::new(&mem, 16);
+        // One chain of two writable descriptors, then a single-descriptor chain.
+        let (mut rng, irq) = rng_with(
+            &mem,
+            &mock,
+            &[
+                desc(DATA, 100, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1),
+                desc(DATA + 0x1000, 28, VRING_DESC_F_WRITE, 0),
+                desc(DATA + 0x2000, 4096, VRING_DESC_F_WRITE, 0),
+            ],
+        );
+        assert!(!rng.process_queue());
+        assert_eq!(mock.used().idx().load(), 2);
+        assert_eq!(used(&mock, 0), (0, 128));
+        assert_eq!(used(&mock, 1), (2, 4096));
+        assert_eq!(irq.0.load(Ordering::SeqCst), 1);
+        let mut out = [0u8; 4096];
+        mem.read_slice(&mut out, GuestAddress(DATA + 0x2000))
+            .unwrap();
+        assert!(out.iter().any(|b| *b != 0), "random bytes arrived");
+        assert_eq!(rng.bytes_served(), 128 + 4096);
+    }
+
+    #[test]
+    fn malicious_chains_complete_empty_or_bounded() {
+        let mem = memory();
+        let mock = MockSplitQueue::new(&mem, 16);
+        let (mut rng, _) = rng_with(
+            &mem,
+            &mock,
+            &[
+                // 0: read-only descriptor.
+                desc(DATA, 64, 0, 0),
+                // 1: beyond guest memory.
+                desc(MEM_SIZE + 0x1000, 64, VRING_DESC_F_WRITE, 0),
+                // 2: straddles the end of guest memory.
+                desc(MEM_SIZE - 16, 64, VRING_DESC_F_WRITE, 0),
+                // 3: absurd length: capped at MAX_BYTES_PER_CHAIN.
+                desc(DATA, u32::MAX, VRING_DESC_F_WRITE, 0),
+                // 4: writable then read-only in one chain.
+                desc(DATA, 8, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 5),
+                desc(DATA + 8, 8, 0, 0),
+                // 6: a chain that loops onto itself (6 -> 7 -> 6).
+                desc(DATA, 8, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 7),
+                desc(DATA + 8, 8, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 6),
+            ],
+        );
+        rng.process_queue();
+        let results: Vec<_> = (0..mock.used().idx().load())
+            .map(|i| used(&mock, i))
+            .collect();
+        assert_eq!(results[0], (0, 0));
+        assert_eq!(results[1], (1, 0));
+        assert_eq!(results[2], (2, 0));
+        assert_eq!(results[3], (3, MAX_BYTES_PER_CHAIN));
+        assert_eq!(results[4], (4, 0));
+        // The loop ends after a queue's worth of descriptors, bounded in bytes.
+        assert_eq!(results[5].0, 6);
+        assert!(results[5].1 <= 16 * 8);
+        assert_eq!(results.len(), 6);
+    }
+
+    #[test]
+    fn indirect_table_outside_memory_is_harmless() {
+        let mem = memory();
+        let mock = MockSplitQueue::new(&mem, 16);
+        let indirect = virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT;
+        let (mut rng, _) = rng_with(
+            &mem,
+            &mock,
+            &[
+                desc(MEM_SIZE + 0x1000, 16 * 4, indirect, 0),
+                desc(DATA, 16, VRING_DESC_F_WRITE, 0),
+            ],
+        );
+        rng.process_queue();
+        assert_eq!(used(&mock, 0), (0, 0));
+        assert_eq!(used(&mock, 1).1, 16);
+    }
+
+    #[test]
+    fn budget_per_wake_is_bounded() {
+        let mem = memory();
+        let mock = MockSplitQueue::new(&mem, 64);
+        let descs: Vec<_> = (0..32)
+            .map(|i| {
+                desc(
+                    DATA + i * 0x1_0000,
+                    MAX_BYTES_PER_CHAIN,
+                    VRING_DESC_F_WRITE,
+                    0,
+                )
+            })
+            .collect();
+        let (mut rng, _) = rng_with(&mem, &mock, &descs);
+        assert!(rng.process_queue(), "2 MiB asked, 1 MiB per wake");
+        assert_eq!(mock.used().idx().load(), 16);
+        assert_eq!(rng.active.as_ref().unwrap().notify.read().unwrap(), 1);
+        assert!(!rng.process_queue());
+        assert_eq!(mock.used().idx().load(), 32);
+    }
+
+    #[test]
+    fn event_loop_activation_kick_and_reset() {
+        let mem = memory();
+        let mock = MockSplitQueue::new(&mem, 16);
+        let rng = Arc::new(Mutex::new(Rng::new(Path::new(DEFAULT_SOURCE)).unwrap()));
+        let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+            EventManager::new().unwrap();
+        manager.add_subscriber(rng.clone());
+        mock.add_desc_chains(&[desc(DATA, 32, VRING_DESC_F_WRITE, 0)], 0)
+            .unwrap();
+        let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(CountingInterrupt::default());
+        rng.lock()
+            .unwrap()
+            .activate(
+                mem.clone(),
+                interrupt.clone(),
+                vec![ActivatedQueue {
+                    queue: mock.create_queue().unwrap(),
+                    notify: notify.try_clone().unwrap(),
+                }],
+            )
+            .unwrap();
+        manager.run_with_timeout(1000).unwrap();
+        assert_eq!(mock.used().idx().load(), 1, "served on activation");
+        // A kick through the notify eventfd.
+        mock.add_desc_chains(&[desc(DATA, 32, VRING_DESC_F_WRITE, 0)], 1)
+            .unwrap();
+        notify.write(1).unwrap();
+        manager.run_with_timeout(1000).unwrap();
+        assert_eq!(mock.used().idx().load(), 2);
+        assert_eq!(interrupt.0.load(Ordering::SeqCst), 2);
+        // Reset: the loop unwatches the queue; later kicks do nothing.
+        assert!(rng.lock().unwrap().reset());
+        manager.run_with_timeout(1000).unwrap();
+        assert!(rng.lock().unwrap().retired.is_empty());
+        notify.write(1).unwrap();
+        assert_eq!(manager.run_with_timeout(100).unwrap(), 0);
+        // Wrong queue counts are refused.
+        let err = rng
+            .lock()
+            .unwrap()
+            .activate(mem.clone(), interrupt, vec![])
+            .unwrap_err();
+        assert!(matches!(err, ActivateError::QueueCount { .. }));
+    }
+
+    #[test]
+    fn missing_source_is_a_clear_error() {
+        let err = Rng::new(Path::new("/nonexistent/rng")).err().unwrap();
+        assert!(err.to_string().contains("/nonexistent/rng"), "{err}");
+    }
+}
