@@ -8,7 +8,7 @@ use tests::{boot_timeout, guest_file, initramfs, is_pvm_host, scratch_dir, Vm, B
 /// guest's own shutdown path, emulated on PVM hosts).
 fn exit_timeout() -> Duration {
     if is_pvm_host() {
-        Duration::from_secs(60)
+        Duration::from_secs(300)
     } else {
         Duration::from_secs(5)
     }

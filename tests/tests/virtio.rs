@@ -57,7 +57,7 @@ fn console_on_stdout_rng_and_named_port_on_pci() {
         assert!(pci.contains(id), "{id} missing from {pci}");
     }
     vm.wait_for("GUEST_ACTION=poweroff", timeout);
-    let status = vm.wait_exit(Duration::from_secs(120));
+    let status = vm.wait_exit(Duration::from_secs(300));
     assert!(status.success(), "{status:?}\n{}", vm.stderr());
 }
 
@@ -110,7 +110,7 @@ fn named_port_echo_backpressure_and_reconnect() {
     let mut writer = client.try_clone().unwrap();
     let to_send = payload.clone();
     let sender = std::thread::spawn(move || writer.write_all(&to_send));
-    let echoed = read_exactly(&mut client, payload.len(), Duration::from_secs(300));
+    let echoed = read_exactly(&mut client, payload.len(), Duration::from_secs(600));
     sender.join().unwrap().unwrap();
     assert!(echoed == payload, "1 MiB came back altered");
 
@@ -119,7 +119,7 @@ fn named_port_echo_backpressure_and_reconnect() {
     let mut again = connect(&port, Duration::from_secs(5));
     again.write_all(b"second-session\n").unwrap();
     assert_eq!(
-        read_exactly(&mut again, 15, Duration::from_secs(120)),
+        read_exactly(&mut again, 15, Duration::from_secs(300)),
         b"second-session\n"
     );
 
