@@ -255,8 +255,9 @@ impl Msix {
         if v >= s.vectors.len() {
             return;
         }
+        // Routes are synced only where the table changes (vCPU threads, whose filter allows
+        // KVM_SET_GSI_ROUTING); the device side (vmm thread) only writes the irqfd.
         if s.deliverable(v) {
-            s.sync_route(v);
             s.fire(v);
         } else {
             s.pending[v] = true;
