@@ -6,8 +6,9 @@ use clap::builder::PossibleValue;
 use clap::{Parser, ValueEnum};
 
 use crate::config::{
-    BootConfig, ConfigError, ConsoleConfig, MachineConfig, PortConfig, PvmParams, RngConfig,
-    SerialConfig, SettingNames, VmConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS,
+    BootConfig, ConfigError, ConsoleConfig, MachineConfig, PmemConfig, PortConfig, PvmParams,
+    RngConfig, SerialConfig, SettingNames, VmConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB,
+    DEFAULT_VCPUS,
 };
 
 const LONG_ABOUT: &str = "\
@@ -19,7 +20,7 @@ Describe the VM with flags, or with --config FILE: a JSON file in the same schem
 accepts. The guest's serial console goes where --serial says; chapeau's own log goes to stderr.";
 
 /// Flags that describe the VM; `--config` replaces all of them.
-const VM_FLAGS: [&str; 10] = [
+const VM_FLAGS: [&str; 11] = [
     "kernel",
     "initrd",
     "cmdline",
@@ -30,6 +31,7 @@ const VM_FLAGS: [&str; 10] = [
     "console",
     "ports",
     "rng",
+    "pmem",
 ];
 
 /// What a bare `--rng` means.
@@ -79,6 +81,16 @@ pub struct Cli {
     #[arg(long, value_name = "source=PATH", num_args = 0..=1, default_missing_value = RNG_DEFAULT_ARG)]
     pub rng: Option<RngConfig>,
 
+    /// Maps an image file into guest memory as a persistent-memory device (/dev/pmemN): an
+    /// NVDIMM described by ACPI (default, Kata's rootfs: root=/dev/pmem0p1 rootflags=dax) or
+    /// virtio-pmem. Read-only unless readonly=off; the size must be a multiple of 2 MiB.
+    /// Repeat for more.
+    #[arg(
+        long = "pmem",
+        value_name = "file=PATH[,model=nvdimm|virtio][,readonly=on|off]"
+    )]
+    pub pmem: Vec<PmemConfig>,
+
     /// Appends the guest kernel parameters a PVM host needs (PVM emulates guest kernel mode and
     /// cannot run some instructions there); auto = when /sys/module/kvm_pvm exists.
     #[arg(long, value_enum, value_name = "MODE", default_value_t = PvmParams::Auto)]
@@ -105,6 +117,7 @@ const FLAG_NAMES: SettingNames = SettingNames {
     console: "--console",
     port: "--port",
     rng: "--rng",
+    pmem: "--pmem",
 };
 
 impl Cli {
@@ -129,6 +142,7 @@ impl Cli {
             console: self.console.clone(),
             ports: self.ports.clone(),
             rng: self.rng.clone(),
+            pmem: self.pmem.clone(),
         };
         config.validate_named(&FLAG_NAMES)?;
         Ok(config)
@@ -177,6 +191,7 @@ impl ValueEnum for PvmParams {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::PmemModel;
     use clap::error::ErrorKind;
     use clap::CommandFactory;
 
@@ -229,6 +244,7 @@ mod tests {
                 console: ConsoleConfig::Off,
                 ports: vec![],
                 rng: None,
+                pmem: vec![],
             }
         );
     }
@@ -393,6 +409,75 @@ mod tests {
         let err = rng(&["--rng", "/dev/hwrng"]).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::ValueValidation);
         assert!(err.to_string().contains("expected source=PATH"), "{err}");
+    }
+
+    #[test]
+    fn pmem_flag_forms() {
+        let config = config_of(&[
+            "--kernel",
+            "/k",
+            "--pmem",
+            "file=/img/kata.img",
+            "--pmem",
+            "readonly=off,model=virtio,file=/img/rw.img",
+        ])
+        .unwrap();
+        assert_eq!(
+            config.pmem,
+            vec![
+                PmemConfig {
+                    file: "/img/kata.img".into(),
+                    model: PmemModel::Nvdimm,
+                    readonly: true,
+                },
+                PmemConfig {
+                    file: "/img/rw.img".into(),
+                    model: PmemModel::Virtio,
+                    readonly: false,
+                },
+            ]
+        );
+        assert_eq!(config.nvdimms().count(), 1);
+        assert_eq!(
+            config.pmem[1].to_string(),
+            "file=/img/rw.img,model=virtio,readonly=off"
+        );
+        let err = |value: &str| {
+            parse(&["--kernel", "/k", "--pmem", value])
+                .unwrap_err()
+                .to_string()
+        };
+        for (value, reason) in [
+            ("model=virtio", "missing file=PATH"),
+            ("file=", "file= needs a path"),
+            (
+                "file=/a,model=dimm",
+                "model=dimm: expected model=nvdimm or model=virtio",
+            ),
+            (
+                "file=/a,readonly=yes",
+                "readonly=yes: expected readonly=on or readonly=off",
+            ),
+            ("file=/a,file=/b", "file= given twice"),
+            ("file=/a,size=1G", "unknown key \"size\""),
+            ("/a", "without '='"),
+        ] {
+            let msg = err(value);
+            assert!(
+                msg.contains("--pmem") && msg.contains(reason),
+                "{value}: {msg}"
+            );
+        }
+        let many: Vec<String> = (0..=crate::config::MAX_PMEM_DEVICES)
+            .flat_map(|i| ["--pmem".to_string(), format!("file=/img/{i}")])
+            .collect();
+        let mut args = vec!["--kernel", "/k"];
+        args.extend(many.iter().map(String::as_str));
+        let msg = config_of(&args).unwrap_err().to_string();
+        assert_eq!(
+            msg,
+            "invalid --pmem: 9 pmem images given, at most 8 are supported"
+        );
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub const MAX_PORTS: usize = 30;
 /// Longest port name: the guest's sysfs/udev name buffers; Linux reads PORT_NAME into a page,
 /// but udev rules and `/dev/virtio-ports/<name>` want short names, as QEMU's do.
 pub const MAX_PORT_NAME_LEN: usize = 127;
+/// Most pmem devices (NVDIMMs plus virtio-pmem) a VM may have; Kata uses one.
+pub const MAX_PMEM_DEVICES: usize = 8;
 /// `sun_path` is 108 bytes including the terminating NUL.
 pub const MAX_SOCKET_PATH_LEN: usize = 107;
 
@@ -50,12 +52,20 @@ pub struct VmConfig {
     /// A virtio-rng device when present.
     #[serde(default)]
     pub rng: Option<RngConfig>,
+    /// Image files mapped into guest physical memory as NVDIMMs or virtio-pmem devices.
+    #[serde(default)]
+    pub pmem: Vec<PmemConfig>,
 }
 
 impl VmConfig {
     /// Whether the VM gets a virtio-console device.
     pub fn has_virtio_console(&self) -> bool {
         self.console != ConsoleConfig::Off || !self.ports.is_empty()
+    }
+
+    /// The NVDIMMs, in the order given (the guest's pmem0, pmem1, ... when nothing else is pmem).
+    pub fn nvdimms(&self) -> impl Iterator<Item = &PmemConfig> {
+        self.pmem.iter().filter(|p| p.model == PmemModel::Nvdimm)
     }
 }
 
@@ -273,41 +283,45 @@ pub struct PortConfig {
     pub socket: PathBuf,
 }
 
-/// The `--port` syntax: `name=NAME,socket=PATH`, keys in any order. Neither value may contain
-/// a comma (the separator).
+/// Splits `key=value,key=value` into the values of `keys`, in that order. Keys may come in any
+/// order and at most once; values cannot contain a comma (the separator). `form` is the syntax
+/// shown in errors.
+fn key_values<'a, const N: usize>(
+    s: &'a str,
+    keys: [&str; N],
+    form: &str,
+) -> Result<[Option<&'a str>; N], String> {
+    let mut values = [None; N];
+    for item in s.split(',') {
+        let Some((key, value)) = item.split_once('=') else {
+            return Err(format!("expected {form}, found {item:?} without '='"));
+        };
+        let Some(i) = keys.iter().position(|k| *k == key) else {
+            return Err(format!("unknown key {key:?}: expected {form}"));
+        };
+        if values[i].is_some() {
+            return Err(format!("{key}= given twice"));
+        }
+        values[i] = Some(value);
+    }
+    Ok(values)
+}
+
+const PORT_FORM: &str = "name=NAME,socket=PATH";
+
+/// The `--port` syntax: `name=NAME,socket=PATH`, keys in any order.
 impl FromStr for PortConfig {
     type Err = ConfigError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let syntax = |msg: String| Err(ConfigError::PortSyntax(msg));
-        let (mut name, mut socket) = (None, None);
-        for item in s.split(',') {
-            let Some((key, value)) = item.split_once('=') else {
-                return syntax(format!(
-                    "expected name=NAME,socket=PATH, found {item:?} without '='"
-                ));
-            };
-            let slot = match key {
-                "name" => &mut name,
-                "socket" => &mut socket,
-                _ => {
-                    return syntax(format!(
-                        "unknown key {key:?}: expected name=NAME,socket=PATH"
-                    ))
-                }
-            };
-            if slot.is_some() {
-                return syntax(format!("{key}= given twice"));
-            }
-            *slot = Some(value);
-        }
-        match (name, socket) {
-            (Some(name), Some(socket)) => Ok(PortConfig {
+        match key_values(s, ["name", "socket"], PORT_FORM).map_err(ConfigError::PortSyntax)? {
+            [Some(name), Some(socket)] => Ok(PortConfig {
                 name: name.to_string(),
                 socket: PathBuf::from(socket),
             }),
-            (None, _) => syntax("missing name=NAME (expected name=NAME,socket=PATH)".into()),
-            (_, None) => syntax("missing socket=PATH (expected name=NAME,socket=PATH)".into()),
+            [None, _] => syntax(format!("missing name=NAME (expected {PORT_FORM})")),
+            [_, None] => syntax(format!("missing socket=PATH (expected {PORT_FORM})")),
         }
     }
 }
@@ -315,6 +329,97 @@ impl FromStr for PortConfig {
 impl fmt::Display for PortConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "name={},socket={}", self.name, self.socket.display())
+    }
+}
+
+/// How the guest sees a pmem image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PmemModel {
+    /// An NVDIMM described by the ACPI NFIT (what Kata's QEMU gives its guests).
+    #[default]
+    Nvdimm,
+    /// A virtio-pmem device on PCI (what Cloud Hypervisor gives its guests).
+    Virtio,
+}
+
+impl PmemModel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PmemModel::Nvdimm => "nvdimm",
+            PmemModel::Virtio => "virtio",
+        }
+    }
+}
+
+/// An image file mapped into guest physical memory, the guest's /dev/pmemN. JSON:
+/// `{"file": P, "model": "nvdimm"|"virtio", "readonly": true|false}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PmemConfig {
+    pub file: PathBuf,
+    #[serde(default)]
+    pub model: PmemModel,
+    /// Read-only on the host too: the file is opened and mapped read-only and the guest's
+    /// writes are dropped. Kata's shared rootfs image must be.
+    #[serde(default = "default_true")]
+    pub readonly: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+const PMEM_FORM: &str = "file=PATH[,model=nvdimm|virtio][,readonly=on|off]";
+
+/// The `--pmem` syntax: `file=PATH[,model=nvdimm|virtio][,readonly=on|off]`.
+impl FromStr for PmemConfig {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let syntax = |msg: String| ConfigError::PmemSyntax(msg);
+        let [file, model, readonly] =
+            key_values(s, ["file", "model", "readonly"], PMEM_FORM).map_err(syntax)?;
+        let file = match file {
+            Some("") => return Err(syntax("file= needs a path".into())),
+            Some(file) => PathBuf::from(file),
+            None => return Err(syntax(format!("missing file=PATH (expected {PMEM_FORM})"))),
+        };
+        let model = match model {
+            None | Some("nvdimm") => PmemModel::Nvdimm,
+            Some("virtio") => PmemModel::Virtio,
+            Some(other) => {
+                return Err(syntax(format!(
+                    "model={other}: expected model=nvdimm or model=virtio"
+                )))
+            }
+        };
+        let readonly = match readonly {
+            None | Some("on") => true,
+            Some("off") => false,
+            Some(other) => {
+                return Err(syntax(format!(
+                    "readonly={other}: expected readonly=on or readonly=off"
+                )))
+            }
+        };
+        Ok(PmemConfig {
+            file,
+            model,
+            readonly,
+        })
+    }
+}
+
+impl fmt::Display for PmemConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "file={},model={},readonly={}",
+            self.file.display(),
+            self.model.as_str(),
+            if self.readonly { "on" } else { "off" }
+        )
     }
 }
 
@@ -364,6 +469,9 @@ pub enum ConfigError {
     /// A bad `--rng` value.
     #[error("{0}")]
     RngSyntax(&'static str),
+    /// A bad `--pmem` value.
+    #[error("{0}")]
+    PmemSyntax(String),
 }
 
 fn spaced(value: &str) -> String {
@@ -387,6 +495,7 @@ pub(crate) struct SettingNames {
     pub console: &'static str,
     pub port: &'static str,
     pub rng: &'static str,
+    pub pmem: &'static str,
 }
 
 const JSON_NAMES: SettingNames = SettingNames {
@@ -400,6 +509,7 @@ const JSON_NAMES: SettingNames = SettingNames {
     console: "console",
     port: "ports",
     rng: "rng.source",
+    pmem: "pmem",
 };
 
 impl VmConfig {
@@ -502,6 +612,19 @@ impl VmConfig {
             if rng.source.as_os_str().is_empty() {
                 return invalid(names.rng, "\"\"".into(), "the path is empty".into());
             }
+        }
+        if self.pmem.len() > MAX_PMEM_DEVICES {
+            return invalid(
+                names.pmem,
+                String::new(),
+                format!(
+                    "{} pmem images given, at most {MAX_PMEM_DEVICES} are supported",
+                    self.pmem.len()
+                ),
+            );
+        }
+        if self.pmem.iter().any(|p| p.file.as_os_str().is_empty()) {
+            return invalid(names.pmem, "file=\"\"".into(), "the path is empty".into());
         }
         Ok(())
     }
@@ -659,10 +782,38 @@ mod tests {
                 console: ConsoleConfig::Off,
                 ports: vec![],
                 rng: None,
+                pmem: vec![],
             }
         );
         assert!(!config.has_virtio_console());
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn pmem_json_defaults_to_a_read_only_nvdimm() {
+        let config = VmConfig::from_json(
+            r#"{"boot":{"kernel":"/k"},"pmem":[{"file":"/a"},{"file":"/b","model":"virtio","readonly":false}]}"#,
+        )
+        .unwrap();
+        assert_eq!(config.pmem[0].model, PmemModel::Nvdimm);
+        assert!(config.pmem[0].readonly);
+        assert_eq!(config.pmem[1].model, PmemModel::Virtio);
+        assert!(!config.pmem[1].readonly);
+        config.validate().unwrap();
+        let err = err_of(r#"{"boot":{"kernel":"/k"},"pmem":[{"file":"/a","model":"dimm"}]}"#);
+        assert!(err.contains("unknown variant `dimm`"), "{err}");
+        let err = err_of(r#"{"boot":{"kernel":"/k"},"pmem":[{"file":"/a","size":1}]}"#);
+        assert!(err.contains("unknown field `size`"), "{err}");
+        let mut config = minimal();
+        config.pmem.push("file=".parse().unwrap_or(PmemConfig {
+            file: "".into(),
+            model: PmemModel::Nvdimm,
+            readonly: true,
+        }));
+        assert_eq!(
+            validate_err(&config),
+            "invalid pmem file=\"\": the path is empty"
+        );
     }
 
     #[test]
@@ -701,6 +852,7 @@ mod tests {
             console: ConsoleConfig::Off,
             ports: vec![],
             rng: None,
+            pmem: vec![],
         };
         assert_eq!(config, expected);
 

@@ -6,6 +6,7 @@ pub mod config;
 
 pub use cli::{Cli, LogLevel};
 pub use config::{
-    BootConfig, ConfigError, ConsoleConfig, MachineConfig, PortConfig, PvmParams, RngConfig,
-    SerialConfig, VmConfig, DEFAULT_RNG_SOURCE, MAX_PORTS, MAX_PORT_NAME_LEN, MAX_VCPUS,
+    BootConfig, ConfigError, ConsoleConfig, MachineConfig, PmemConfig, PmemModel, PortConfig,
+    PvmParams, RngConfig, SerialConfig, VmConfig, DEFAULT_RNG_SOURCE, MAX_PMEM_DEVICES, MAX_PORTS,
+    MAX_PORT_NAME_LEN, MAX_VCPUS,
 };

@@ -9,4 +9,5 @@ pub mod legacy;
 pub use bus::{Bus, BusDevice, BusError};
 pub use exit::{ExitNotifier, ExitReason};
 pub mod pci;
+pub mod readonly_memory;
 pub mod virtio;

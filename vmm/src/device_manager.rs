@@ -14,6 +14,8 @@ use devices::pci::virtio_pci::{self, VirtioPciDevice};
 use devices::pci::{
     BarRelocator, BarReprogram, MsixVector, PciConfigIo, PciConfigMmio, PciDevice, PciRoot,
 };
+use devices::readonly_memory::ReadOnlyMemory;
+use devices::virtio::pmem::Pmem;
 use devices::virtio::VirtioDevice;
 use devices::{Bus, BusError};
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -29,6 +31,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout;
 use crate::event_loop::Subscriber;
+use crate::pmem::PmemRegion;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -378,7 +381,12 @@ impl DeviceManager {
 /// no MCFG, no `PCI0`): the guest skips PCI enumeration, which costs boot time on hosts where
 /// guest kernel code is emulated.
 pub fn wants_pci(config: &api::VmConfig) -> bool {
-    config.rng.is_some() || config.has_virtio_console()
+    config.rng.is_some()
+        || config.has_virtio_console()
+        || config
+            .pmem
+            .iter()
+            .any(|p| p.model == api::PmemModel::Virtio)
 }
 
 /// The console device's view of the configuration (devices does not depend on api).
@@ -400,12 +408,15 @@ fn console_device(config: &api::VmConfig) -> Result<Console, ConsoleError> {
     Console::new(&output, &ports)
 }
 
-/// The PCI bus and the devices `config` asks for; adds the config ports to `pio`.
+/// The PCI bus and the devices `config` asks for; adds the config ports to `pio`. `pmem` are
+/// the mapped images: the virtio ones get their device, and every read-only one a guard that
+/// drops the guest's writes to it.
 pub fn build_devices(
     vm: &Arc<VmFd>,
     mem: &GuestMemoryMmap,
     config: &api::VmConfig,
     pio: &Bus,
+    pmem: &[PmemRegion],
 ) -> Result<DeviceManager, crate::VmmError> {
     let mut manager = DeviceManager::new(vm.clone(), mem, config.machine.memory_mib << 20)?;
     if wants_pci(config) {
@@ -418,6 +429,27 @@ pub fn build_devices(
     if config.has_virtio_console() {
         let console = console_device(config)?;
         manager.add_virtio_device(Arc::new(Mutex::new(console)))?;
+    }
+    for region in pmem {
+        if region.config.readonly {
+            let guard = ReadOnlyMemory::new(
+                format!("pmem image {}", region.config.file.display()),
+                region.gpa,
+            );
+            manager
+                .mmio
+                .insert(Arc::new(Mutex::new(guard)), region.gpa, region.size)?;
+        }
+        if region.config.model == api::PmemModel::Virtio {
+            let file = region
+                .flush_file()
+                .map_err(|source| crate::VmmError::Setup {
+                    what: "the virtio-pmem flush file",
+                    source,
+                })?;
+            let device = Pmem::new(region.gpa, region.size, file)?;
+            manager.add_virtio_device(Arc::new(Mutex::new(device)))?;
+        }
     }
     Ok(manager)
 }

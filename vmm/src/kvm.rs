@@ -16,7 +16,7 @@ use crate::arch::x86_64::layout;
 pub const KVM_DEVICE: &str = "/dev/kvm";
 
 /// What a VM of ours cannot run without.
-const REQUIRED_CAPS: [(Cap, &str); 10] = [
+const REQUIRED_CAPS: [(Cap, &str); 11] = [
     (Cap::Irqchip, "in-kernel irqchip"),
     (Cap::Pit2, "in-kernel PIT"),
     (Cap::ReinjectControl, "PIT tick reinjection control"),
@@ -27,6 +27,7 @@ const REQUIRED_CAPS: [(Cap, &str); 10] = [
     (Cap::Irqfd, "irqfd"),
     (Cap::Ioeventfd, "ioeventfd"),
     (Cap::ImmediateExit, "immediate exit"),
+    (Cap::ReadonlyMem, "read-only memory slots"),
 ];
 
 #[derive(Debug, thiserror::Error)]

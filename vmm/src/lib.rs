@@ -8,6 +8,7 @@ pub mod kvm;
 pub mod loader;
 pub mod logger;
 pub mod memory;
+pub mod pmem;
 pub mod pvm;
 pub mod seccomp;
 pub mod vcpu;
@@ -22,7 +23,7 @@ use api::{PvmParams, SerialConfig, VmConfig};
 use devices::legacy::{AcpiPowerDevice, Serial, I8042};
 use devices::{Bus, ExitNotifier, ExitReason};
 use kvm_ioctls::VmFd;
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::terminal::Terminal;
 
@@ -75,6 +76,10 @@ pub enum VmmError {
     Rng(#[from] devices::virtio::rng::RngError),
     #[error(transparent)]
     Console(#[from] devices::virtio::console::ConsoleError),
+    #[error(transparent)]
+    Pmem(#[from] pmem::PmemError),
+    #[error("virtio-pmem: {0}")]
+    PmemDevice(#[from] devices::virtio::pmem::PmemDeviceError),
 }
 
 /// The kernel command line the guest gets: the user's, plus what a PVM host needs.
@@ -171,6 +176,7 @@ fn load_guest(
     mem: &GuestMemoryMmap,
     config: &VmConfig,
     cmdline: &str,
+    pmem: &[pmem::PmemRegion],
 ) -> Result<vm_memory::GuestAddress, VmmError> {
     let kernel = loader::load_kernel(mem, &config.boot.kernel)?;
     let initrd = match &config.boot.initrd {
@@ -178,8 +184,19 @@ fn load_guest(
         None => None,
     };
     let cmdline_size = loader::load_kernel_cmdline(mem, cmdline)?;
-    let rsdp =
-        acpi::create_acpi_tables(mem, config.machine.vcpus, device_manager::wants_pci(config))?;
+    let platform = acpi::Platform {
+        pci: device_manager::wants_pci(config),
+        nvdimms: pmem
+            .iter()
+            .filter(|region| region.config.model == api::PmemModel::Nvdimm)
+            .map(|region| acpi::Nvdimm {
+                gpa: region.gpa,
+                size: region.size,
+                readonly: region.config.readonly,
+            })
+            .collect(),
+    };
+    let rsdp = acpi::create_acpi_tables(mem, config.machine.vcpus, &platform)?;
     let params = boot_params::build_boot_params(&boot_params::BootInfo {
         setup_header: kernel.setup_header,
         cmdline_size,
@@ -210,10 +227,13 @@ pub fn run_vm(config: &VmConfig) -> Result<ExitReason, VmmError> {
     phase("open /dev/kvm");
     let mem = memory::create_guest_memory(config.machine.memory_mib)?;
     phase("guest memory");
+    let pmem = pmem::open_images(&config.pmem, config.machine.memory_mib << 20)?;
+    phase("map pmem images");
     let vm = Arc::new(kvm::create_vm(&kvm, &mem)?);
+    pmem::register_slots(&vm, &pmem, mem.iter().count() as u32)?;
     phase("create VM");
     let cmdline = effective_cmdline(config, pvm::is_pvm_host());
-    let entry = load_guest(&mem, config, &cmdline)?;
+    let entry = load_guest(&mem, config, &cmdline, &pmem)?;
     phase("load kernel, initrd, tables");
 
     let exit = Arc::new(ExitNotifier::new().map_err(|source| VmmError::Setup {
@@ -221,7 +241,7 @@ pub fn run_vm(config: &VmConfig) -> Result<ExitReason, VmmError> {
         source,
     })?);
     let (pio, serial) = legacy_devices(&vm, config, &exit)?;
-    let devices = device_manager::build_devices(&vm, &mem, config, &pio)?;
+    let devices = device_manager::build_devices(&vm, &mem, config, &pio, &pmem)?;
     let context = VcpuContext {
         pio: Arc::new(pio),
         mmio: devices.mmio_bus(),

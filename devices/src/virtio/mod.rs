@@ -13,7 +13,11 @@
 //! documents): a vCPU never waits for the `vmm` thread.
 
 pub mod console;
+pub mod pmem;
 pub mod rng;
+pub mod single_queue;
+#[cfg(test)]
+mod test_util;
 
 use std::sync::Arc;
 

@@ -9,20 +9,17 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
 
+use super::single_queue::{QueueEvent, SingleQueue};
 use super::{
-    ActivateError, ActivatedQueue, InterruptKind, VirtioDevice, VirtioInterrupt, TYPE_RNG,
-    VIRTIO_F_VERSION_1,
+    ActivateError, ActivatedQueue, VirtioDevice, VirtioInterrupt, TYPE_RNG, VIRTIO_F_VERSION_1,
 };
 
 pub const DEFAULT_SOURCE: &str = "/dev/urandom";
@@ -43,24 +40,11 @@ pub enum RngError {
     EventFd(std::io::Error),
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<dyn VirtioInterrupt>,
-    queue: Queue,
-    notify: EventFd,
-    /// Whether `notify` is in the event loop's epoll set yet.
-    watched: bool,
-}
-
 pub struct Rng {
     source: File,
     acked_features: u64,
     queue_sizes: [u16; 1],
-    /// Written by activate/reset (vCPU thread) so the event loop side picks up the change.
-    wake: EventFd,
-    active: Option<Active>,
-    /// Notify eventfds of a reset device, still in epoll until the event loop removes them.
-    retired: Vec<EventFd>,
+    queue: SingleQueue,
     buf: Vec<u8>,
     /// Bytes handed to the guest, for tests and metrics.
     bytes_served: u64,
@@ -82,9 +66,7 @@ impl Rng {
             source: file,
             acked_features: 0,
             queue_sizes: [QUEUE_SIZE],
-            wake: EventFd::new(libc::EFD_NONBLOCK).map_err(RngError::EventFd)?,
-            active: None,
-            retired: Vec::new(),
+            queue: SingleQueue::new().map_err(RngError::EventFd)?,
             buf: Vec::new(),
             bytes_served: 0,
         })
@@ -138,17 +120,16 @@ impl Rng {
 
     /// Serves the queue; returns true when it stopped because of the per-wake budget.
     pub fn process_queue(&mut self) -> bool {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.queue.active_mut() else {
             return false;
         };
-        let mem = &active.mem;
         let mut used_any = false;
         let mut budget = MAX_BYTES_PER_WAKE;
         let mut exhausted = false;
-        while let Some(chain) = active.queue.pop_descriptor_chain(mem) {
+        while let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) {
             let head = chain.head_index();
-            let written = Self::fill_chain(&mut self.source, &mut self.buf, mem, chain);
-            if let Err(e) = active.queue.add_used(mem, head, written) {
+            let written = Self::fill_chain(&mut self.source, &mut self.buf, &active.mem, chain);
+            if let Err(e) = active.queue.add_used(&active.mem, head, written) {
                 log::warn!("virtio-rng: cannot complete a chain: {e:?}");
                 break;
             }
@@ -156,18 +137,12 @@ impl Rng {
             self.bytes_served += u64::from(written);
             budget = budget.saturating_sub(u64::from(written).max(1));
             if budget == 0 {
-                // Out of budget: come back later if the driver posted more.
-                exhausted = active
-                    .queue
-                    .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
-                    .is_ok_and(|idx| idx.0 != active.queue.next_avail());
+                exhausted = active.has_more();
                 break;
             }
         }
-        if used_any && active.queue.needs_notification(mem).unwrap_or(true) {
-            if let Err(e) = active.interrupt.trigger(InterruptKind::Queue(0)) {
-                log::warn!("virtio-rng: cannot interrupt the guest: {e}");
-            }
+        if used_any {
+            active.notify_used("virtio-rng");
         }
         if exhausted {
             // Come back on the next turn of the loop for the rest.
@@ -175,47 +150,19 @@ impl Rng {
         }
         exhausted
     }
-
-    /// Brings the epoll set in line with the device state (event loop side).
-    fn sync_watches(&mut self, ops: &mut EventOps) {
-        for fd in self.retired.drain(..) {
-            let _ = ops.remove(Events::new(&fd, EventSet::IN));
-        }
-        if let Some(active) = self.active.as_mut() {
-            if !active.watched {
-                match ops.add(Events::new(&active.notify, EventSet::IN)) {
-                    Ok(()) => active.watched = true,
-                    Err(e) => log::error!("virtio-rng: cannot watch the queue: {e:?}"),
-                }
-            }
-        }
-    }
 }
 
 impl MutEventSubscriber for Rng {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if events.fd() == self.wake.as_raw_fd() {
-            let _ = self.wake.read();
-            self.sync_watches(ops);
-            // Buffers may have been posted before activation reached us.
+        if self.queue.handle_event(&events, ops, "virtio-rng") == QueueEvent::Process {
             self.process_queue();
-            return;
-        }
-        if let Some(active) = self.active.as_ref() {
-            if events.fd() == active.notify.as_raw_fd() {
-                let _ = active.notify.read();
-                self.process_queue();
-            }
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.wake, EventSet::IN)) {
-            log::error!("virtio-rng: cannot watch the activation event: {e:?}");
-        }
+        self.queue.init(ops, "virtio-rng");
     }
 }
-
 impl VirtioDevice for Rng {
     fn device_type(&self) -> u32 {
         TYPE_RNG
@@ -246,31 +193,11 @@ impl VirtioDevice for Rng {
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActivatedQueue>,
     ) -> Result<(), ActivateError> {
-        let got = queues.len();
-        let Some(q) = queues.into_iter().next().filter(|_| got == 1) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
-        if !q.queue.ready() {
-            return Err(ActivateError::InvalidQueue { index: 0 });
-        }
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            queue: q.queue,
-            notify: q.notify,
-            watched: false,
-        });
-        self.wake.write(1).map_err(ActivateError::Wake)
+        self.queue.activate(mem, interrupt, queues)
     }
 
     fn reset(&mut self) -> bool {
-        if let Some(active) = self.active.take() {
-            if active.watched {
-                self.retired.push(active.notify);
-            }
-            // The event loop drops the retired notify fd from its set.
-            let _ = self.wake.write(1);
-        }
+        self.queue.reset();
         self.acked_features = 0;
         true
     }
@@ -279,33 +206,21 @@ impl VirtioDevice for Rng {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio::test_util::{desc, used, CountingInterrupt};
     use event_manager::{EventManager, SubscriberOps};
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::Ordering;
     use std::sync::Mutex;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::GuestAddress;
-
-    #[derive(Default)]
-    struct CountingInterrupt(AtomicUsize);
-
-    impl VirtioInterrupt for CountingInterrupt {
-        fn trigger(&self, _kind: InterruptKind) -> std::io::Result<()> {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-    }
+    use vmm_sys_util::eventfd::EventFd;
 
     const MEM_SIZE: u64 = 4 << 20;
     const DATA: u64 = 0x10_0000;
 
     fn memory() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap()
-    }
-
-    fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
-        RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
     }
 
     /// An activated rng over a mock queue holding `descs` (chained by their NEXT flags);
@@ -328,11 +243,6 @@ mod tests {
         )
         .unwrap();
         (rng, interrupt)
-    }
-
-    fn used(mock: &MockSplitQueue<GuestMemoryMmap>, i: u16) -> (u32, u32) {
-        let elem = mock.used().ring().ref_at(i.into()).unwrap().load();
-        (elem.id(), elem.len())
     }
 
     #[test]
@@ -435,7 +345,7 @@ mod tests {
         let (mut rng, _) = rng_with(&mem, &mock, &descs);
         assert!(rng.process_queue(), "2 MiB asked, 1 MiB per wake");
         assert_eq!(mock.used().idx().load(), 16);
-        assert_eq!(rng.active.as_ref().unwrap().notify.read().unwrap(), 1);
+        assert_eq!(rng.queue.active_mut().unwrap().notify.read().unwrap(), 1);
         assert!(!rng.process_queue());
         assert_eq!(mock.used().idx().load(), 32);
     }
@@ -475,7 +385,7 @@ mod tests {
         // Reset: the loop unwatches the queue; later kicks do nothing.
         assert!(rng.lock().unwrap().reset());
         manager.run_with_timeout(1000).unwrap();
-        assert!(rng.lock().unwrap().retired.is_empty());
+        assert_eq!(rng.lock().unwrap().queue.retired_count(), 0);
         notify.write(1).unwrap();
         assert_eq!(manager.run_with_timeout(100).unwrap(), 0);
         // Wrong queue counts are refused.

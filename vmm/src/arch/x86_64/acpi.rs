@@ -1,4 +1,4 @@
-//! The guest's ACPI tables: RSDP → XSDT → {FADT → DSDT, MADT, MCFG}.
+//! The guest's ACPI tables: RSDP → XSDT → {FADT → DSDT, MADT, MCFG, NFIT}.
 //!
 //! The platform is *hardware-reduced* ACPI (FADT flag HW_REDUCED_ACPI): no PM1 event/control
 //! blocks, no SCI, no GPEs, no FACS. Linux then powers off by writing `SLP_TYP << 2 | SLP_EN` to
@@ -76,13 +76,30 @@ pub enum AcpiError {
     },
 }
 
+/// A persistent-memory range the guest should see as an NVDIMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Nvdimm {
+    pub gpa: u64,
+    pub size: u64,
+    /// Described as not armed (QEMU's `unarmed=on`): Linux then makes the region read-only.
+    pub readonly: bool,
+}
+
+/// What the tables describe besides CPUs and the fixed legacy devices.
+#[derive(Debug, Default, Clone)]
+pub struct Platform {
+    /// The PCI bus (MCFG, the DSDT's host bridge).
+    pub pci: bool,
+    /// NVDIMMs (NFIT, the DSDT's NVDIMM root device).
+    pub nvdimms: Vec<Nvdimm>,
+}
+
 /// Builds the ACPI tables for `num_cpus` vCPUs into `mem` and returns the RSDP's address (for the
-/// zero page's `acpi_rsdp_addr`; the RSDP also sits in the BIOS area the kernel scans). With
-/// `pci`, the MCFG and the DSDT's host bridge describe the PCI bus.
+/// zero page's `acpi_rsdp_addr`; the RSDP also sits in the BIOS area the kernel scans).
 pub fn create_acpi_tables(
     mem: &GuestMemoryMmap,
     num_cpus: u8,
-    pci: bool,
+    platform: &Platform,
 ) -> Result<GuestAddress, AcpiError> {
     if num_cpus == 0 || num_cpus > MAX_CPUS {
         return Err(AcpiError::CpuCount(num_cpus));
@@ -92,15 +109,19 @@ pub fn create_acpi_tables(
     let mem_size = mem.iter().map(|region| region.len()).sum();
     let mmio64 = layout::pci_mmio64_window(mem_size);
     let mut tables = TablePlacer::new(layout::ACPI_TABLES_START);
-    let dsdt = tables.place("DSDT", dsdt(pci.then_some(mmio64)))?;
+    let dsdt = tables.place(
+        "DSDT",
+        dsdt(platform.pci.then_some(mmio64), platform.nvdimms.len()),
+    )?;
     let fadt = tables.place("FACP", fadt(dsdt))?;
     let madt = tables.place("APIC", madt(num_cpus))?;
     let mut listed = vec![fadt, madt];
-    if pci {
+    if platform.pci {
         listed.push(tables.place("MCFG", mcfg())?);
     }
-    // Later tables (NFIT for the NVDIMM) are placed here and their addresses added to this
-    // list.
+    if !platform.nvdimms.is_empty() {
+        listed.push(tables.place("NFIT", nfit(&platform.nvdimms))?);
+    }
     let xsdt = tables.place("XSDT", xsdt(&listed))?;
 
     for (table, addr, bytes) in &tables.placed {
@@ -265,8 +286,116 @@ fn xsdt(tables: &[u64]) -> Vec<u8> {
     aml_bytes(&xsdt)
 }
 
+/// NFIT structure types and sizes (ACPI 6.5, section 5.2.26).
+const NFIT_SPA_RANGE: u16 = 0;
+const NFIT_SPA_RANGE_LEN: u16 = 56;
+const NFIT_MEMORY_MAP: u16 = 1;
+const NFIT_MEMORY_MAP_LEN: u16 = 48;
+const NFIT_CONTROL_REGION: u16 = 4;
+const NFIT_CONTROL_REGION_LEN: u16 = 80;
+/// The persistent-memory address range type, GUID 66F0D379-B4F3-4074-AC43-0D3318B78CDB as
+/// stored (the first three fields little-endian).
+const NFIT_GUID_PERSISTENT_MEMORY: [u8; 16] = [
+    0x79, 0xd3, 0xf0, 0x66, 0xf3, 0xb4, 0x74, 0x40, 0xac, 0x43, 0x0d, 0x33, 0x18, 0xb7, 0x8c, 0xdb,
+];
+/// EFI_MEMORY_WB | EFI_MEMORY_NV: write-back cacheable, non-volatile.
+const NFIT_MAPPING_ATTRIBUTES: u64 = 0x8 | 0x8000;
+/// Memory device state flag ACPI_NFIT_MEM_NOT_ARMED: the device will not persist writes,
+/// which Linux answers by making the region read-only.
+const NFIT_STATE_NOT_ARMED: u16 = 1 << 3;
+/// Region format interface code 0x0301: byte-addressable persistent memory, no energy-backed
+/// interface (what Linux's pmem driver expects of a plain NVDIMM).
+const NFIT_FORMAT_BYTE_ADDRESSABLE: u16 = 0x0301;
+/// Control-region vendor: the virtio (Red Hat) PCI vendor id, as for our other virtual hardware.
+const NFIT_VENDOR_ID: u16 = 0x1af4;
+const NFIT_DEVICE_ID: u16 = 1;
+const NFIT_REVISION: u8 = 1;
+
+/// The NFIT device handle of NVDIMM `index`; the DSDT's `NVxx` device has it as `_ADR`.
+fn nvdimm_handle(index: usize) -> u32 {
+    index as u32 + 1
+}
+
+/// NFIT: for each NVDIMM a system-physical-address range (persistent memory), its control
+/// region, and the map between the two (no interleaving, no block windows, no labels: Linux
+/// makes one label-less namespace of each range and finds a pfn info block inside on its own).
+fn nfit(nvdimms: &[Nvdimm]) -> Vec<u8> {
+    let mut nfit = Sdt::new(
+        *b"NFIT",
+        SDT_HEADER_LEN + 4,
+        NFIT_REVISION,
+        OEM_ID,
+        *b"CHAPNFIT",
+        OEM_REVISION,
+    );
+    for (i, nvdimm) in nvdimms.iter().enumerate() {
+        // Structure indexes are per structure type and must not be 0.
+        let index = i as u16 + 1;
+        let handle = nvdimm_handle(i);
+
+        let spa = nfit.len();
+        nfit.append_slice(&[0; NFIT_SPA_RANGE_LEN as usize]);
+        nfit.write_u16(spa, NFIT_SPA_RANGE);
+        nfit.write_u16(spa + 2, NFIT_SPA_RANGE_LEN);
+        nfit.write_u16(spa + 4, index);
+        nfit.write_bytes(spa + 16, &NFIT_GUID_PERSISTENT_MEMORY);
+        nfit.write_u64(spa + 32, nvdimm.gpa);
+        nfit.write_u64(spa + 40, nvdimm.size);
+        nfit.write_u64(spa + 48, NFIT_MAPPING_ATTRIBUTES);
+
+        let map = nfit.len();
+        nfit.append_slice(&[0; NFIT_MEMORY_MAP_LEN as usize]);
+        nfit.write_u16(map, NFIT_MEMORY_MAP);
+        nfit.write_u16(map + 2, NFIT_MEMORY_MAP_LEN);
+        nfit.write_u32(map + 4, handle);
+        nfit.write_u16(map + 8, index); // physical id
+        nfit.write_u16(map + 12, index); // SPA range index
+        nfit.write_u16(map + 14, index); // control region index
+        nfit.write_u64(map + 16, nvdimm.size); // region size; offset and DPA stay 0
+        nfit.write_u16(map + 42, 1); // interleave ways
+        if nvdimm.readonly {
+            nfit.write_u16(map + 44, NFIT_STATE_NOT_ARMED);
+        }
+
+        let dcr = nfit.len();
+        nfit.append_slice(&[0; NFIT_CONTROL_REGION_LEN as usize]);
+        nfit.write_u16(dcr, NFIT_CONTROL_REGION);
+        nfit.write_u16(dcr + 2, NFIT_CONTROL_REGION_LEN);
+        nfit.write_u16(dcr + 4, index);
+        nfit.write_u16(dcr + 6, NFIT_VENDOR_ID);
+        nfit.write_u16(dcr + 8, NFIT_DEVICE_ID);
+        nfit.write_u16(dcr + 10, 1); // revision
+        nfit.write_u32(dcr + 24, handle); // serial number: unique per NVDIMM
+        nfit.write_u16(dcr + 28, NFIT_FORMAT_BYTE_ADDRESSABLE);
+    }
+    nfit.update_checksum();
+    nfit.as_slice().to_vec()
+}
+
+/// `\_SB_.NVDR`, the NVDIMM root device Linux's ACPI NFIT driver binds to, with one child per
+/// NVDIMM whose `_ADR` is its NFIT device handle. No `_DSM`: the NVDIMMs have no labels and
+/// no health or firmware commands.
+fn nvdimm_root(sink: &mut dyn AmlSink, count: usize) {
+    let hid = aml::Name::new("_HID".into(), &"ACPI0012");
+    let children: Vec<(aml::Name, String)> = (0..count)
+        .map(|i| {
+            (
+                aml::Name::new("_ADR".into(), &nvdimm_handle(i)),
+                format!("NV{i:02X}"),
+            )
+        })
+        .collect();
+    let devices: Vec<aml::Device> = children
+        .iter()
+        .map(|(adr, name)| aml::Device::new(name.as_str().into(), vec![adr as &dyn Aml]))
+        .collect();
+    let mut contents: Vec<&dyn Aml> = vec![&hid];
+    contents.extend(devices.iter().map(|d| d as &dyn Aml));
+    aml::Device::new("NVDR".into(), contents).to_aml_bytes(sink);
+}
+
 /// DSDT: the header around `dsdt_body`.
-fn dsdt(pci_mmio64: Option<(u64, u64)>) -> Vec<u8> {
+fn dsdt(pci_mmio64: Option<(u64, u64)>, nvdimms: usize) -> Vec<u8> {
     let mut dsdt = Sdt::new(
         *b"DSDT",
         SDT_HEADER_LEN,
@@ -275,7 +404,7 @@ fn dsdt(pci_mmio64: Option<(u64, u64)>) -> Vec<u8> {
         *b"CHAPDSDT",
         OEM_REVISION,
     );
-    dsdt.append_slice(&dsdt_body(pci_mmio64));
+    dsdt.append_slice(&dsdt_body(pci_mmio64, nvdimms));
     dsdt.as_slice().to_vec()
 }
 
@@ -340,7 +469,7 @@ fn pci_host_bridge(sink: &mut dyn AmlSink, mmio64: (u64, u64)) {
 }
 
 /// The DSDT's AML: what the guest's ACPI interpreter enumerates. Devices go into `\_SB_` here.
-fn dsdt_body(pci_mmio64: Option<(u64, u64)>) -> Vec<u8> {
+fn dsdt_body(pci_mmio64: Option<(u64, u64)>, nvdimms: usize) -> Vec<u8> {
     let mut body = Vec::new();
 
     // `\_S5_`: {SLP_TYPa, SLP_TYPb, reserved, reserved}. Linux offers ACPI power-off only when
@@ -385,6 +514,9 @@ fn dsdt_body(pci_mmio64: Option<(u64, u64)>) -> Vec<u8> {
             layout::PCI_MMCONFIG_SIZE as u32,
         );
         isa_device(&mut system_bus, "MBRD", "PNP0C02", vec![&mmconfig]);
+    }
+    if nvdimms > 0 {
+        nvdimm_root(&mut system_bus, nvdimms);
     }
     body.extend(aml::Scope::raw("\\_SB_".into(), system_bus));
     body
@@ -464,11 +596,37 @@ mod tests {
         madt: (u64, Vec<u8>),
         dsdt: (u64, Vec<u8>),
         mcfg: (u64, Vec<u8>),
+        nfit: (u64, Vec<u8>),
+    }
+
+    /// Two NVDIMMs, the second read-only.
+    const NVDIMMS: [Nvdimm; 2] = [
+        Nvdimm {
+            gpa: 20 << 30,
+            size: 64 << 20,
+            readonly: false,
+        },
+        Nvdimm {
+            gpa: (20 << 30) + (128 << 20),
+            size: 2 << 20,
+            readonly: true,
+        },
+    ];
+
+    fn with_pci() -> Platform {
+        Platform {
+            pci: true,
+            nvdimms: vec![],
+        }
     }
 
     fn build(num_cpus: u8) -> Tables {
         let mem = guest_memory();
-        let rsdp_addr = create_acpi_tables(&mem, num_cpus, true).unwrap();
+        let platform = Platform {
+            pci: true,
+            nvdimms: NVDIMMS.to_vec(),
+        };
+        let rsdp_addr = create_acpi_tables(&mem, num_cpus, &platform).unwrap();
         assert_eq!(rsdp_addr, GuestAddress(layout::RSDP_ADDR));
 
         let rsdp = read(&mem, layout::RSDP_ADDR, 36);
@@ -485,13 +643,15 @@ mod tests {
             .chunks(8)
             .map(|e| u64::from_le_bytes(e.try_into().unwrap()))
             .collect();
-        assert_eq!(entries.len(), 3);
+        assert_eq!(entries.len(), 4);
         let fadt_addr = entries[0];
         let madt_addr = entries[1];
         let mcfg_addr = entries[2];
+        let nfit_addr = entries[3];
         let fadt = read_sdt(&mem, fadt_addr, b"FACP");
         let madt = read_sdt(&mem, madt_addr, b"APIC");
         let mcfg = read_sdt(&mem, mcfg_addr, b"MCFG");
+        let nfit = read_sdt(&mem, nfit_addr, b"NFIT");
         let dsdt_addr = u64_at(&fadt, FADT_X_DSDT);
         let dsdt = read_sdt(&mem, dsdt_addr, b"DSDT");
 
@@ -502,6 +662,7 @@ mod tests {
             (madt_addr, madt.len()),
             (dsdt_addr, dsdt.len()),
             (mcfg_addr, mcfg.len()),
+            (nfit_addr, nfit.len()),
         ];
         spans.sort();
         assert_eq!(spans[0].0, layout::ACPI_TABLES_START);
@@ -519,6 +680,7 @@ mod tests {
             madt: (madt_addr, madt),
             dsdt: (dsdt_addr, dsdt),
             mcfg: (mcfg_addr, mcfg),
+            nfit: (nfit_addr, nfit),
         }
     }
 
@@ -678,10 +840,11 @@ mod tests {
     #[test]
     fn without_pci_there_is_no_mcfg_and_no_host_bridge() {
         let mem = guest_memory();
-        create_acpi_tables(&mem, 1, false).unwrap();
+        create_acpi_tables(&mem, 1, &Platform::default()).unwrap();
         let rsdp = read(&mem, layout::RSDP_ADDR, 36);
         let xsdt = read_sdt(&mem, u64_at(&rsdp, 24), b"XSDT");
         assert_eq!(xsdt.len(), 36 + 2 * 8, "FADT and MADT only");
+        assert!(!contains(&xsdt, b"NFIT"));
         let fadt = read_sdt(&mem, u64_at(&xsdt, 36), b"FACP");
         let dsdt = read_sdt(&mem, u64_at(&fadt, FADT_X_DSDT), b"DSDT");
         assert!(!contains(&dsdt, b"PCI0"));
@@ -690,14 +853,48 @@ mod tests {
     }
 
     #[test]
+    fn nfit_describes_each_nvdimm_and_the_dsdt_has_their_devices() {
+        let tables = build(1);
+        let (_, nfit) = &tables.nfit;
+        assert_eq!(nfit.len(), 40 + 2 * (56 + 48 + 80));
+        for (i, nvdimm) in NVDIMMS.iter().enumerate() {
+            let spa = &nfit[40 + i * 184..];
+            assert_eq!((u16_at(spa, 0), u16_at(spa, 2)), (0, 56));
+            assert_eq!(u16_at(spa, 4), i as u16 + 1);
+            assert_eq!(spa[16..32], NFIT_GUID_PERSISTENT_MEMORY);
+            assert_eq!(
+                (u64_at(spa, 32), u64_at(spa, 40)),
+                (nvdimm.gpa, nvdimm.size)
+            );
+            let map = &spa[56..];
+            assert_eq!((u16_at(map, 0), u16_at(map, 2)), (1, 48));
+            assert_eq!(u32_at(map, 4), i as u32 + 1, "device handle");
+            assert_eq!(
+                (u16_at(map, 12), u16_at(map, 14)),
+                (i as u16 + 1, i as u16 + 1)
+            );
+            assert_eq!(u64_at(map, 16), nvdimm.size);
+            let not_armed = if nvdimm.readonly { 1 << 3 } else { 0 };
+            assert_eq!(u16_at(map, 44), not_armed);
+            let dcr = &map[48..];
+            assert_eq!((u16_at(dcr, 0), u16_at(dcr, 2)), (4, 80));
+            assert_eq!(u16_at(dcr, 28), 0x0301);
+        }
+        let (_, dsdt) = &tables.dsdt;
+        for name in [&b"NVDR"[..], b"ACPI0012", b"NV00", b"NV01"] {
+            assert!(contains(dsdt, name));
+        }
+    }
+
+    #[test]
     fn bad_cpu_counts_are_refused() {
         let mem = guest_memory();
         assert!(matches!(
-            create_acpi_tables(&mem, 0, true),
+            create_acpi_tables(&mem, 0, &with_pci()),
             Err(AcpiError::CpuCount(0))
         ));
         assert!(matches!(
-            create_acpi_tables(&mem, 255, true),
+            create_acpi_tables(&mem, 255, &with_pci()),
             Err(AcpiError::CpuCount(255))
         ));
     }
@@ -706,7 +903,7 @@ mod tests {
     fn memory_without_the_acpi_area_is_an_error() {
         // 512 KiB of RAM: the ACPI area at 0xe0000 does not exist.
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 512 << 10)]).unwrap();
-        let err = create_acpi_tables(&mem, 1, true).unwrap_err();
+        let err = create_acpi_tables(&mem, 1, &with_pci()).unwrap_err();
         assert!(matches!(err, AcpiError::Write { .. }), "{err}");
     }
 
@@ -753,6 +950,7 @@ mod tests {
             ("apic", &tables.madt.1),
             ("mcfg", &tables.mcfg.1),
             ("dsdt", &tables.dsdt.1),
+            ("nfit", &tables.nfit.1),
         ];
         let mut decoded = String::new();
         for (name, bytes) in named {
@@ -790,6 +988,14 @@ mod tests {
             "QWordMemory (ResourceProducer",
             "0x00000004FFFFFFFF",
             "Memory32Fixed (ReadWrite",
+            "Name (_HID, \"ACPI0012\" /* NVDIMM Root Device */)",
+            "Name (_ADR, 0x02)",
+            "Subtable Type : 0000 [System Physical Address Range]",
+            "Region Type GUID : 66F0D379-B4F3-4074-AC43-0D3318B78CDB",
+            "Address Range Base : 0000000508000000",
+            "Subtable Type : 0001 [Memory Range Map]",
+            "Device not armed : 1",
+            "Subtable Type : 0004 [NVDIMM Control Region]",
         ] {
             assert!(
                 decoded.contains(expected),

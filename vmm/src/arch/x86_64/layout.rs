@@ -15,6 +15,7 @@
 //!   0xe000_0000  PCI MMCONFIG (ECAM), bus 0 only (1 MiB)
 //! 0x1_0000_0000 RAM above the hole
 //! above RAM, 1 GiB aligned: the 64-bit PCI BAR window (16 GiB)
+//! after it, 1 GiB aligned: persistent memory (NVDIMM and virtio-pmem images)
 //! ```
 
 use vm_memory::GuestAddress;
@@ -59,6 +60,15 @@ pub const PCI_CONFIG_IO_LEN: u16 = 8;
 /// The 64-bit BAR window: above RAM, aligned, this large.
 pub const PCI_MMIO64_ALIGN: u64 = 1 << 30;
 pub const PCI_MMIO64_SIZE: u64 = 16 << 30;
+/// Persistent memory images start on a Linux memory-section boundary (128 MiB), so every
+/// kernel's memremap_pages can map them, whatever its subsection support.
+pub const PMEM_ALIGN: u64 = 128 << 20;
+/// An image's size must be a multiple of this: the unit (a memory subsection) in which Linux
+/// maps device memory.
+pub const PMEM_SIZE_ALIGN: u64 = 2 << 20;
+/// Room for all images together, beyond anything Kata uses (its rootfs image is ~128 MiB).
+pub const PMEM_WINDOW_SIZE: u64 = 1 << 40;
+
 /// GSIs 0-23 are the IOAPIC's pins; MSI vectors get GSIs from here on.
 pub const MSI_GSI_START: u32 = 24;
 /// KVM's routing table holds at most 4096 entries; stay well inside.
@@ -96,6 +106,16 @@ pub fn pci_mmio64_window(mem_size: u64) -> (u64, u64) {
         .map_or(RAM_HIGH_START, |(start, len)| start.0 + len)
         .max(RAM_HIGH_START);
     (ram_end.next_multiple_of(PCI_MMIO64_ALIGN), PCI_MMIO64_SIZE)
+}
+
+/// The persistent-memory window (start, size): after the 64-bit PCI window, so a guest moving
+/// its BARs never meets it.
+pub fn pmem_window(mem_size: u64) -> (u64, u64) {
+    let (pci_start, pci_size) = pci_mmio64_window(mem_size);
+    (
+        (pci_start + pci_size).next_multiple_of(PCI_MMIO64_ALIGN),
+        PMEM_WINDOW_SIZE,
+    )
 }
 
 /// The end (exclusive) of RAM below the MMIO hole.
@@ -142,6 +162,17 @@ mod tests {
         assert_eq!(pci_mmio64_window(4 << 30), (5 << 30, PCI_MMIO64_SIZE));
         let (start, _) = pci_mmio64_window((4 << 30) + 1);
         assert_eq!(start, 6 << 30);
+    }
+
+    #[test]
+    fn pmem_window_follows_the_pci_window() {
+        for mem in [64 << 20, 4 << 30, 100 << 30] {
+            let (pci, pci_size) = pci_mmio64_window(mem);
+            let (pmem, _) = pmem_window(mem);
+            assert!(pmem >= pci + pci_size);
+            assert!(pmem.is_multiple_of(PMEM_ALIGN));
+        }
+        assert_eq!(pmem_window(256 << 20).0, 20 << 30);
     }
 
     #[test]

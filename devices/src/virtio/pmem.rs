@@ -1,0 +1,367 @@
+//! virtio-pmem (device type 27): a host file the VMM has mapped into guest physical memory at
+//! `start`, which the guest uses directly (DAX); the device itself only answers flush requests
+//! on its one queue, by syncing the file.
+//!
+//! The mapping is the VMM's business (KVM memory slot, read-only or not); this device only
+//! describes it in its configuration space and keeps the file for flushing. A request is a
+//! readable 4-byte type followed by a writable 4-byte status; anything else completes with 0
+//! bytes written and is counted, never trusted.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_queue::QueueT;
+use vm_memory::GuestMemoryMmap;
+
+use super::single_queue::{QueueEvent, SingleQueue};
+use super::{
+    ActivateError, ActivatedQueue, VirtioDevice, VirtioInterrupt, TYPE_PMEM, VIRTIO_F_VERSION_1,
+};
+
+pub const QUEUE_SIZE: u16 = 64;
+/// VIRTIO_PMEM_REQ_TYPE_FLUSH, the only request type.
+const REQ_TYPE_FLUSH: u32 = 0;
+const RESP_OK: u32 = 0;
+/// VIRTIO_PMEM_RESP_TYPE_EIO.
+const RESP_EIO: u32 = 1;
+/// Requests served per wake before yielding to the rest of the event loop.
+const MAX_REQUESTS_PER_WAKE: usize = 64;
+/// Configuration space: le64 start, le64 size.
+const CONFIG_SIZE: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PmemDeviceError {
+    #[error("cannot create the activation eventfd: {0}")]
+    EventFd(std::io::Error),
+}
+
+pub struct Pmem {
+    /// The backing file, for flushes; `None` when read-only (nothing can be dirty).
+    file: Option<File>,
+    config: [u8; CONFIG_SIZE],
+    acked_features: u64,
+    queue_sizes: [u16; 1],
+    queue: SingleQueue,
+    flushes: u64,
+    bad_requests: u64,
+}
+
+impl Pmem {
+    /// A device describing `size` bytes at guest physical `start`. `file` is the writable
+    /// backing file a flush syncs, or `None` for a read-only image.
+    pub fn new(start: u64, size: u64, file: Option<File>) -> Result<Self, PmemDeviceError> {
+        let mut config = [0u8; CONFIG_SIZE];
+        config[..8].copy_from_slice(&start.to_le_bytes());
+        config[8..].copy_from_slice(&size.to_le_bytes());
+        Ok(Self {
+            file,
+            config,
+            acked_features: 0,
+            queue_sizes: [QUEUE_SIZE],
+            queue: SingleQueue::new().map_err(PmemDeviceError::EventFd)?,
+            flushes: 0,
+            bad_requests: 0,
+        })
+    }
+
+    pub fn flushes(&self) -> u64 {
+        self.flushes
+    }
+
+    pub fn bad_requests(&self) -> u64 {
+        self.bad_requests
+    }
+
+    /// Syncs the file's data (a read-only image has nothing to sync).
+    fn flush(&mut self) -> u32 {
+        self.flushes += 1;
+        log::debug!("virtio-pmem: flush request {}", self.flushes);
+        match &self.file {
+            None => RESP_OK,
+            Some(file) => match file.sync_data() {
+                Ok(()) => RESP_OK,
+                Err(e) => {
+                    log::warn!("virtio-pmem: flush failed: {e}");
+                    RESP_EIO
+                }
+            },
+        }
+    }
+
+    /// Serves the queue; returns true when it stopped at the per-wake limit.
+    pub fn process_queue(&mut self) -> bool {
+        let mut served = 0;
+        let mut exhausted = false;
+        loop {
+            let Some(active) = self.queue.active_mut() else {
+                return false;
+            };
+            if served == MAX_REQUESTS_PER_WAKE {
+                exhausted = active.has_more();
+                if exhausted {
+                    let _ = active.notify.write(1);
+                }
+                break;
+            }
+            let mem = active.mem.clone();
+            let Some(chain) = active.queue.pop_descriptor_chain(&mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let request = chain.clone().reader(&mem).ok().and_then(|mut reader| {
+                let mut kind = [0u8; 4];
+                reader
+                    .read_exact(&mut kind)
+                    .ok()
+                    .map(|()| u32::from_le_bytes(kind))
+            });
+            let status = match request {
+                Some(REQ_TYPE_FLUSH) => Some(self.flush()),
+                Some(other) => {
+                    log::warn!("virtio-pmem: unknown request type {other}");
+                    Some(RESP_EIO)
+                }
+                None => None,
+            };
+            let written = status
+                .and_then(|status| {
+                    let mut writer = chain.writer(&mem).ok()?;
+                    writer.write_all(&status.to_le_bytes()).ok()?;
+                    Some(4)
+                })
+                .unwrap_or_else(|| {
+                    self.bad_requests += 1;
+                    0
+                });
+            let Some(active) = self.queue.active_mut() else {
+                return false;
+            };
+            if let Err(e) = active.queue.add_used(&active.mem, head, written) {
+                log::warn!("virtio-pmem: cannot complete a request: {e:?}");
+                break;
+            }
+            served += 1;
+        }
+        if served > 0 {
+            if let Some(active) = self.queue.active_mut() {
+                active.notify_used("virtio-pmem");
+            }
+        }
+        exhausted
+    }
+}
+
+impl MutEventSubscriber for Pmem {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if self.queue.handle_event(&events, ops, "virtio-pmem") == QueueEvent::Process {
+            self.process_queue();
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        self.queue.init(ops, "virtio-pmem");
+    }
+}
+
+impl VirtioDevice for Pmem {
+    fn device_type(&self) -> u32 {
+        TYPE_PMEM
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    /// Not VIRTIO_PMEM_F_SHMEM_REGION: the region is described by `start`/`size` in the
+    /// configuration space, which every driver reads.
+    fn avail_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features();
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
+        if let Some(src) = self.config.get(start..) {
+            let n = src.len().min(data.len());
+            data[..n].copy_from_slice(&src[..n]);
+        }
+    }
+
+    /// The configuration space is read-only.
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActivatedQueue>,
+    ) -> Result<(), ActivateError> {
+        self.queue.activate(mem, interrupt, queues)
+    }
+
+    fn reset(&mut self) -> bool {
+        self.queue.reset();
+        self.acked_features = 0;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::test_util::{desc, used, CountingInterrupt};
+    use std::sync::atomic::Ordering;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::EventFd;
+
+    const MEM_SIZE: u64 = 4 << 20;
+    const REQ: u64 = 0x10_0000;
+    const RESP: u64 = 0x10_1000;
+
+    fn pmem_with(
+        file: Option<File>,
+        descs: &[virtio_queue::desc::RawDescriptor],
+        queue_size: u16,
+    ) -> (
+        Pmem,
+        GuestMemoryMmap,
+        MockSplitQueue<'static, GuestMemoryMmap>,
+        Arc<CountingInterrupt>,
+    ) {
+        let mem: &'static GuestMemoryMmap = Box::leak(Box::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap(),
+        ));
+        let mock = MockSplitQueue::new(mem, queue_size);
+        mock.add_desc_chains(descs, 0).unwrap();
+        let mut pmem = Pmem::new(1 << 32, 64 << 20, file).unwrap();
+        let interrupt = Arc::new(CountingInterrupt::default());
+        pmem.activate(
+            mem.clone(),
+            interrupt.clone(),
+            vec![ActivatedQueue {
+                queue: mock.create_queue().unwrap(),
+                notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            }],
+        )
+        .unwrap();
+        (pmem, mem.clone(), mock, interrupt)
+    }
+
+    fn flush_request() -> [virtio_queue::desc::RawDescriptor; 2] {
+        [
+            desc(REQ, 4, VRING_DESC_F_NEXT, 1),
+            desc(RESP, 4, VRING_DESC_F_WRITE, 0),
+        ]
+    }
+
+    #[test]
+    fn config_space_describes_the_region() {
+        let pmem = Pmem::new(0x5_4000_0000, 64 << 20, None).unwrap();
+        let mut start = [0u8; 8];
+        pmem.read_config(0, &mut start);
+        assert_eq!(u64::from_le_bytes(start), 0x5_4000_0000);
+        let mut size = [0u8; 8];
+        pmem.read_config(8, &mut size);
+        assert_eq!(u64::from_le_bytes(size), 64 << 20);
+        let mut past = [0xffu8; 4];
+        pmem.read_config(14, &mut past);
+        assert_eq!(past, [0, 0, 0, 0]);
+        pmem.read_config(u64::MAX, &mut past);
+        assert_eq!(past, [0; 4]);
+    }
+
+    #[test]
+    fn flush_syncs_a_writable_file_and_answers_ok() {
+        let file = tempfile_with(b"data");
+        let (mut pmem, mem, mock, irq) = pmem_with(Some(file), &flush_request(), 16);
+        mem.write_obj(REQ_TYPE_FLUSH.to_le_bytes(), GuestAddress(REQ))
+            .unwrap();
+        mem.write_obj(0xdead_beef_u32, GuestAddress(RESP)).unwrap();
+        assert!(!pmem.process_queue());
+        assert_eq!(used(&mock, 0), (0, 4));
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(RESP)).unwrap(), RESP_OK);
+        assert_eq!(pmem.flushes(), 1);
+        assert_eq!(irq.0.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn unknown_type_gets_eio() {
+        let (mut pmem, mem, mock, _) = pmem_with(None, &flush_request(), 16);
+        mem.write_obj(7u32, GuestAddress(REQ)).unwrap();
+        pmem.process_queue();
+        assert_eq!(used(&mock, 0), (0, 4));
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(RESP)).unwrap(), RESP_EIO);
+        assert_eq!(pmem.flushes(), 0);
+    }
+
+    #[test]
+    fn malformed_requests_complete_empty() {
+        let (mut pmem, _, mock, _) = pmem_with(
+            None,
+            &[
+                // 0: no response buffer.
+                desc(REQ, 4, 0, 0),
+                // 1: request too short.
+                desc(REQ, 2, VRING_DESC_F_NEXT, 2),
+                desc(RESP, 4, VRING_DESC_F_WRITE, 0),
+                // 3: request outside guest memory.
+                desc(MEM_SIZE + 0x1000, 4, VRING_DESC_F_NEXT, 4),
+                desc(RESP, 4, VRING_DESC_F_WRITE, 0),
+                // 5: response buffer straddles the end of memory.
+                desc(REQ, 4, VRING_DESC_F_NEXT, 6),
+                desc(MEM_SIZE - 2, 4, VRING_DESC_F_WRITE, 0),
+                // 7: a loop (7 -> 8 -> 7).
+                desc(REQ, 4, VRING_DESC_F_NEXT, 8),
+                desc(REQ, 4, VRING_DESC_F_NEXT, 7),
+            ],
+            16,
+        );
+        pmem.process_queue();
+        let results: Vec<_> = (0..mock.used().idx().load())
+            .map(|i| used(&mock, i))
+            .collect();
+        assert_eq!(results, vec![(0, 0), (1, 0), (3, 0), (5, 0), (7, 0)]);
+        assert_eq!(pmem.bad_requests(), 5);
+    }
+
+    #[test]
+    fn requests_per_wake_are_bounded() {
+        let descs: Vec<_> = (0..80u16)
+            .flat_map(|i| {
+                [
+                    desc(REQ, 4, VRING_DESC_F_NEXT, 2 * i + 1),
+                    desc(RESP, 4, VRING_DESC_F_WRITE, 0),
+                ]
+            })
+            .collect();
+        let (mut pmem, _, mock, _) = pmem_with(None, &descs, 256);
+        assert!(pmem.process_queue());
+        assert_eq!(usize::from(mock.used().idx().load()), MAX_REQUESTS_PER_WAKE);
+        assert!(!pmem.process_queue());
+        assert_eq!(mock.used().idx().load(), 80);
+    }
+
+    fn tempfile_with(bytes: &[u8]) -> File {
+        let path = std::env::temp_dir().join(format!("pmem-dev-test-{}", std::process::id()));
+        let mut file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        file.write_all(bytes).unwrap();
+        let _ = std::fs::remove_file(&path);
+        file
+    }
+}

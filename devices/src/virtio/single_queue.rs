@@ -1,0 +1,153 @@
+//! The activation plumbing every one-queue device (rng, pmem) needs, written once: take the
+//! queue on a vCPU thread without blocking, and bring the event loop's epoll set in line on
+//! the `vmm` thread (watch the queue's notify eventfd after activation, unwatch it after a
+//! reset).
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use event_manager::{EventOps, Events};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{ActivateError, ActivatedQueue, InterruptKind, VirtioInterrupt};
+
+/// The queue of an activated device, with what it needs to serve it.
+pub struct ActiveQueue {
+    pub mem: GuestMemoryMmap,
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+    pub queue: Queue,
+    pub notify: EventFd,
+    /// Whether `notify` is in the event loop's epoll set yet.
+    watched: bool,
+}
+
+impl ActiveQueue {
+    /// Interrupts the driver for used buffers unless it suppressed notifications.
+    pub fn notify_used(&mut self, device: &str) {
+        if self.queue.needs_notification(&self.mem).unwrap_or(true) {
+            if let Err(e) = self.interrupt.trigger(InterruptKind::Queue(0)) {
+                log::warn!("{device}: cannot interrupt the guest: {e}");
+            }
+        }
+    }
+
+    /// Whether the driver posted buffers we have not taken yet.
+    pub fn has_more(&self) -> bool {
+        self.queue
+            .avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire)
+            .is_ok_and(|idx| idx.0 != self.queue.next_avail())
+    }
+}
+
+/// What the event loop should do after [`SingleQueue::handle_event`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum QueueEvent {
+    /// Serve the queue (a kick, or an activation that may have found buffers waiting).
+    Process,
+    /// Not ours, or nothing to do.
+    Ignore,
+}
+
+pub struct SingleQueue {
+    /// Written by activate/reset (vCPU thread) so the event loop side picks up the change.
+    wake: EventFd,
+    active: Option<ActiveQueue>,
+    /// Notify eventfds of a reset device, still in epoll until the event loop removes them.
+    retired: Vec<EventFd>,
+}
+
+impl SingleQueue {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            wake: EventFd::new(libc::EFD_NONBLOCK)?,
+            active: None,
+            retired: Vec::new(),
+        })
+    }
+
+    pub fn active_mut(&mut self) -> Option<&mut ActiveQueue> {
+        self.active.as_mut()
+    }
+
+    /// DRIVER_OK (vCPU thread): keeps the one queue and wakes the event loop side.
+    pub fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActivatedQueue>,
+    ) -> Result<(), ActivateError> {
+        let got = queues.len();
+        let Some(q) = queues.into_iter().next().filter(|_| got == 1) else {
+            return Err(ActivateError::QueueCount { expected: 1, got });
+        };
+        if !q.queue.ready() {
+            return Err(ActivateError::InvalidQueue { index: 0 });
+        }
+        self.active = Some(ActiveQueue {
+            mem,
+            interrupt,
+            queue: q.queue,
+            notify: q.notify,
+            watched: false,
+        });
+        self.wake.write(1).map_err(ActivateError::Wake)
+    }
+
+    /// Device reset (vCPU thread): drops the queue; the event loop unwatches it.
+    pub fn reset(&mut self) {
+        if let Some(active) = self.active.take() {
+            if active.watched {
+                self.retired.push(active.notify);
+            }
+            let _ = self.wake.write(1);
+        }
+    }
+
+    /// `MutEventSubscriber::init`: watch the activation event.
+    pub fn init(&mut self, ops: &mut EventOps, device: &str) {
+        if let Err(e) = ops.add(Events::new(&self.wake, EventSet::IN)) {
+            log::error!("{device}: cannot watch the activation event: {e:?}");
+        }
+    }
+
+    /// `MutEventSubscriber::process`: consumes the event and says whether to serve the queue.
+    pub fn handle_event(
+        &mut self,
+        events: &Events,
+        ops: &mut EventOps,
+        device: &str,
+    ) -> QueueEvent {
+        if events.fd() == self.wake.as_raw_fd() {
+            let _ = self.wake.read();
+            for fd in self.retired.drain(..) {
+                let _ = ops.remove(Events::new(&fd, EventSet::IN));
+            }
+            if let Some(active) = self.active.as_mut() {
+                if !active.watched {
+                    match ops.add(Events::new(&active.notify, EventSet::IN)) {
+                        Ok(()) => active.watched = true,
+                        Err(e) => log::error!("{device}: cannot watch the queue: {e:?}"),
+                    }
+                }
+                // Buffers may have been posted before activation reached us.
+                return QueueEvent::Process;
+            }
+            return QueueEvent::Ignore;
+        }
+        match self.active.as_ref() {
+            Some(active) if events.fd() == active.notify.as_raw_fd() => {
+                let _ = active.notify.read();
+                QueueEvent::Process
+            }
+            _ => QueueEvent::Ignore,
+        }
+    }
+
+    #[cfg(test)]
+    pub fn retired_count(&self) -> usize {
+        self.retired.len()
+    }
+}
