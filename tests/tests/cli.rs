@@ -129,7 +129,58 @@ fn help_documents_every_flag() {
         "--config",
         "--log-level",
         "--pvm-params",
+        "--console",
+        "--port",
+        "--rng",
+        "--pmem",
     ] {
         assert!(stdout.contains(flag), "--help does not mention {flag}");
     }
+}
+
+#[test]
+fn bad_pmem_images() {
+    let dir = scratch_dir().join("pmem-bad");
+    std::fs::create_dir_all(&dir).unwrap();
+    let sized = |name: &str, len: u64| {
+        let path = dir.join(name);
+        std::fs::File::create(&path).unwrap().set_len(len).unwrap();
+        path.display().to_string()
+    };
+    let pmem = |spec: String| vec!["--kernel".to_string(), kernel(), "--pmem".into(), spec];
+    let refused = |args: Vec<String>, expected: &str| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_refused(&args, expected);
+    };
+    refused(
+        pmem("file=/nonexistent/kata.img".into()),
+        "cannot open pmem image /nonexistent/kata.img: No such file",
+    );
+    refused(
+        pmem(format!("file={}", dir.display())),
+        "is a directory, not an image file",
+    );
+    refused(
+        pmem(format!("file={}", sized("empty.img", 0))),
+        "empty.img is empty",
+    );
+    let odd = sized("odd.img", 3 << 20);
+    refused(
+        pmem(format!("file={odd}")),
+        &format!("the size must be a multiple of 2 MiB (2097152 bytes); pad it with `truncate -s 4194304 {odd}`"),
+    );
+    let good = sized("good.img", 2 << 20);
+    let mut twice = pmem(format!("file={good}"));
+    twice.extend([
+        "--pmem".into(),
+        format!("file={good},model=virtio,readonly=off"),
+    ]);
+    refused(
+        twice,
+        "given twice (model=nvdimm, readonly=on and model=virtio, readonly=off)",
+    );
+    refused(
+        pmem(format!("file={good},model=dimm")),
+        "model=dimm: expected model=nvdimm or model=virtio",
+    );
 }
