@@ -258,6 +258,11 @@ case "$MODE" in
     fi
     echo "GUEST_9P=$ok"
     do_poweroff ;;
+  mmap-read)
+    # DAX read benchmark: /bench.dat through mmap (see mmap-read.c), on the pmem root
+    echo "GUEST_ACTION=mmap-read"
+    if [ -x /bin/mmap-read ] && [ -f /bench.dat ]; then /bin/mmap-read /bench.dat; else echo "GUEST_MMAP_READ=fail missing"; fi
+    do_poweroff ;;
   dmesg)
     # profiling aid: print the kernel log (e.g. with initcall_debug), then power off
     echo "GUEST_ACTION=dmesg"

@@ -30,7 +30,8 @@ debugfs (so root is not needed and root and non-root builds are identical).
 Needs: python3, e2fsprogs (mkfs.ext4, debugfs, e2fsck), fdisk (sfdisk, only for --check).
 
 Usage:
-  make-kata-image.py [--busybox /bin/busybox] [--init init.sh] [--size-mib 64] OUT.img
+  make-kata-image.py [--busybox /bin/busybox] [--init init.sh] [--size-mib 64]
+                     [--add SRC:/DEST ...] OUT.img
   make-kata-image.py --check IMG
 """
 import argparse
@@ -151,7 +152,7 @@ FSTAB = ("proc /proc proc defaults 0 0\n"
          "tmpfs /tmp tmpfs defaults 0 0\n")
 
 
-def stage_tree(root: str, busybox: str, init: str) -> None:
+def stage_tree(root: str, busybox: str, init: str, extra: list) -> None:
     for d in ["bin", "dev", "etc", "mnt", "proc", "root", "run", "sbin", "sys", "tmp",
               "usr/bin", "usr/sbin"]:
         os.makedirs(os.path.join(root, d), mode=0o755, exist_ok=True)
@@ -171,6 +172,12 @@ def stage_tree(root: str, busybox: str, init: str) -> None:
             continue
         os.makedirs(os.path.dirname(path), exist_ok=True)
         os.symlink("/bin/busybox", path)
+    # extra files (benchmarks): copied with their mode; timestamps are pinned like the rest
+    for src, dst in extra:
+        path = os.path.join(root, dst.lstrip("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        shutil.copyfile(src, path)
+        os.chmod(path, os.stat(src).st_mode & 0o755)
 
 
 def tree_paths(root: str) -> list:
@@ -201,7 +208,7 @@ def make_ext4(path: str, size: int, root: str) -> None:
     run(["e2fsck", "-fn", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def build(out: str, busybox: str, init: str, size_mib: int) -> None:
+def build(out: str, busybox: str, init: str, size_mib: int, extra: list = ()) -> None:
     size = size_mib * MiB
     if size < FS_OFFSET + 16 * MiB or size % PFN_ALIGN:
         sys.exit("size must be a multiple of 2 MiB and at least %d MiB" % ((FS_OFFSET >> 20) + 16))
@@ -209,7 +216,7 @@ def build(out: str, busybox: str, init: str, size_mib: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = os.path.join(tmp, "root")
         os.mkdir(root)
-        stage_tree(root, busybox, init)
+        stage_tree(root, busybox, init, list(extra))
         fs = os.path.join(tmp, "fs.img")
         make_ext4(fs, fs_size, root)
         tmp_out = out + ".tmp"
@@ -294,11 +301,19 @@ def main() -> None:
     ap.add_argument("--init", default=os.path.join(here, "init.sh"))
     ap.add_argument("--size-mib", type=int, default=64)
     ap.add_argument("--check", action="store_true", help="verify an existing image only")
+    ap.add_argument("--add", action="append", default=[], metavar="SRC:/DEST",
+                    help="also put host file SRC at /DEST in the filesystem (repeatable)")
     a = ap.parse_args()
     if a.check:
         check(a.image)
     else:
-        build(a.image, a.busybox, a.init, a.size_mib)
+        extra = []
+        for spec in a.add:
+            src, sep, dst = spec.partition(":")
+            if not sep or not dst.startswith("/"):
+                sys.exit("--add wants SRC:/DEST, got %r" % spec)
+            extra.append((src, dst))
+        build(a.image, a.busybox, a.init, a.size_mib, extra)
 
 
 if __name__ == "__main__":
