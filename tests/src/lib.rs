@@ -17,11 +17,18 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// Where the guest artifacts are: `CHAPEAU_GUEST_DIR`, else `../shared/guest` beside the repo.
+/// Where the guest artifacts are: `CHAPEAU_GUEST_DIR`; else our own build in `target/guest`
+/// (`resources/guest/build.sh target/guest`, what `.ci/run` does) when it is there; else the
+/// shared set in `../shared/guest` beside the repo.
 pub fn guest_dir() -> PathBuf {
-    std::env::var_os("CHAPEAU_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("../shared/guest"))
+    if let Some(dir) = std::env::var_os("CHAPEAU_GUEST_DIR") {
+        return PathBuf::from(dir);
+    }
+    let ours = workspace_root().join("target/guest");
+    if ours.join("vmlinux").exists() {
+        return ours;
+    }
+    workspace_root().join("../shared/guest")
 }
 
 pub fn guest_file(name: &str) -> PathBuf {
