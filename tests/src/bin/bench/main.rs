@@ -4,9 +4,13 @@
 //!   `-M pc`, run by run, and reports wall time to `GUEST_BOOT_OK` and to exit, peak RSS, and the
 //!   VMM's own costs (DESIGN.md section 8): exec to first KVM_RUN, CPU time outside the guest, RSS
 //!   beyond the guest memory it touched.
+//! - `bench datapath` drives the real virtio-console (one named port) and virtio-rng in-process
+//!   from a fake driver on the host: MB/s and device-thread CPU time per MiB. No guest, no KVM:
+//!   the number that tracks our datapath from commit to commit.
 //!
 //! Where guest kernel mode is emulated (PVM hosts) guest-driven wall times mostly measure the
-//! emulator; the VMM's own figures are the honest comparison.
+//! emulator; the VMM's own figures and `datapath` are the honest comparisons. How to run them:
+//! tests/README.md.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
@@ -15,9 +19,11 @@ use std::process::{Command, ExitCode};
 use std::thread::JoinHandle;
 
 mod boot;
+mod datapath;
 
 const USAGE: &str = "usage: bench boot [--runs N] [--cpus N] [--memory MIB] \
-[--systems chapeau,qemu-microvm,qemu-pc] [--guest-dir DIR] [--timeout S]";
+[--systems chapeau,qemu-microvm,qemu-pc] [--guest-dir DIR] [--timeout S]
+       bench datapath [--mib N] [--runs N]";
 
 /// What QEMU needs appended on a PVM host when the guest dir has no `pvm-cmdline` (chapeau adds
 /// its own set).
@@ -612,6 +618,7 @@ fn main() -> ExitCode {
     };
     let result = match name {
         "boot" => boot::run(rest),
+        "datapath" => datapath::run(rest),
         "" => Err(Failure::Usage("missing benchmark name".into())),
         other => Err(Failure::Usage(format!("unknown benchmark {other:?}"))),
     };
