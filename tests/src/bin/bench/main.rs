@@ -1,4 +1,4 @@
-//! Benchmarks for chapeau (each a subcommand):
+//! Benchmarks for chapeau, three of them (each a subcommand):
 //!
 //! - `bench boot` boots the test guest (`test=poweroff`) with chapeau, QEMU `-M microvm` and QEMU
 //!   `-M pc`, run by run, and reports wall time to `GUEST_BOOT_OK` and to exit, peak RSS, and the
@@ -7,6 +7,9 @@
 //! - `bench datapath` drives the real virtio-console (one named port) and virtio-rng in-process
 //!   from a fake driver on the host: MB/s and device-thread CPU time per MiB. No guest, no KVM:
 //!   the number that tracks our datapath from commit to commit.
+//! - `bench port` boots the guest with `test=echo-port` under chapeau and QEMU (virtio-serial),
+//!   pushes N MiB through the named port `agent.channel.0` and back, and reports round-trip MB/s,
+//!   VMM CPU time during the transfer, and the PCI configuration space accesses of each boot.
 //!
 //! Where guest kernel mode is emulated (PVM hosts) guest-driven wall times mostly measure the
 //! emulator; the VMM's own figures and `datapath` are the honest comparisons. How to run them:
@@ -20,10 +23,12 @@ use std::thread::JoinHandle;
 
 mod boot;
 mod datapath;
+mod port;
 
 const USAGE: &str = "usage: bench boot [--runs N] [--cpus N] [--memory MIB] \
 [--systems chapeau,qemu-microvm,qemu-pc] [--guest-dir DIR] [--timeout S]
-       bench datapath [--mib N] [--runs N]";
+       bench datapath [--mib N] [--runs N]
+       bench port [--mib N] [--systems chapeau,qemu-microvm] [--guest-dir DIR] [--timeout S]";
 
 /// What QEMU needs appended on a PVM host when the guest dir has no `pvm-cmdline` (chapeau adds
 /// its own set).
@@ -104,6 +109,19 @@ fn parse_systems(list: &str, allowed: &[System]) -> Result<Vec<System>, String> 
         return Err("--systems is empty".into());
     }
     Ok(systems)
+}
+
+/// `--guest-dir`'s default: CHAPEAU_GUEST_DIR, else our own guest build if it exists (its
+/// uncompressed initramfs saves a minute per boot on PVM hosts), else the shared guest.
+fn default_guest_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CHAPEAU_GUEST_DIR") {
+        return PathBuf::from(dir);
+    }
+    let ours = workspace_root().join("../build/guest/out");
+    if ours.join("vmlinux").exists() {
+        return ours;
+    }
+    workspace_root().join("../shared/guest")
 }
 
 fn parse_positive<T: std::str::FromStr + PartialOrd + Default>(
@@ -619,6 +637,7 @@ fn main() -> ExitCode {
     let result = match name {
         "boot" => boot::run(rest),
         "datapath" => datapath::run(rest),
+        "port" => port::run(rest),
         "" => Err(Failure::Usage("missing benchmark name".into())),
         other => Err(Failure::Usage(format!("unknown benchmark {other:?}"))),
     };
