@@ -160,6 +160,44 @@ impl Pattern {
         let start = (offset % Self::PERIOD) as usize;
         &self.0[start..start + len]
     }
+
+    /// Writes the first `total` bytes of the stream.
+    pub(crate) fn send(&self, writer: &mut impl Write, total: u64) -> Result<(), String> {
+        let mut sent = 0u64;
+        while sent < total {
+            let n = CLIENT_CHUNK.min((total - sent) as usize);
+            writer
+                .write_all(self.at(sent, n))
+                .map_err(|e| format!("client write: {e}"))?;
+            sent += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Reads the first `total` bytes of the stream, checking each; `what` names it in errors.
+    pub(crate) fn expect(
+        &self,
+        reader: &mut impl Read,
+        total: u64,
+        what: &str,
+    ) -> Result<(), String> {
+        let mut buf = vec![0u8; CLIENT_CHUNK];
+        let mut got = 0u64;
+        while got < total {
+            let want = CLIENT_CHUNK.min((total - got) as usize);
+            let n = match reader.read(&mut buf[..want]) {
+                Ok(0) => return Err(format!("{what}: EOF after {got} of {total} bytes")),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(format!("{what}: {e} after {got} of {total} bytes")),
+            };
+            if buf[..n] != *self.at(got, n) {
+                return Err(format!("{what}: wrong bytes near offset {got}"));
+            }
+            got += n as u64;
+        }
+        Ok(())
+    }
 }
 
 fn mem_err<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> String {
@@ -633,7 +671,18 @@ impl Bench {
         }
     }
 
-    fn start(&self) -> Result<Meter, String> {
+    /// Starts a console test on `queue`: the client's socket for the test's host side, and the
+    /// clock.
+    fn start(&mut self, queue: usize) -> Result<(UnixStream, Meter), String> {
+        let client = self
+            .client
+            .try_clone()
+            .map_err(|e| format!("client socket: {e}"))?;
+        self.console[queue].take_counts();
+        Ok((client, self.meter()?))
+    }
+
+    fn meter(&self) -> Result<Meter, String> {
         Ok(Meter {
             wall: Instant::now(),
             cpu_ns: self.devices.cpu_ns()?,
@@ -656,27 +705,11 @@ impl Bench {
     /// Host→guest: the client writes `total` bytes into the socket; the driver keeps port 1's
     /// receiveq full and checks every byte it gets.
     fn console_rx(&mut self, total: u64) -> Result<Outcome, String> {
-        let mut writer = self
-            .client
-            .try_clone()
-            .map_err(|e| format!("client socket: {e}"))?;
-        self.console[PORT1_RX].take_counts();
-        let meter = self.start()?;
+        let (mut writer, meter) = self.start(PORT1_RX)?;
         let rx = &mut self.console[PORT1_RX];
         rx.fill(&self.mem)?;
         rx.kick(&self.mem)?;
-        let client = std::thread::spawn(move || -> Result<(), String> {
-            let pattern = Pattern::new();
-            let mut sent = 0u64;
-            while sent < total {
-                let n = CLIENT_CHUNK.min((total - sent) as usize);
-                writer
-                    .write_all(pattern.at(sent, n))
-                    .map_err(|e| format!("client write: {e}"))?;
-                sent += n as u64;
-            }
-            Ok(())
-        });
+        let client = std::thread::spawn(move || Pattern::new().send(&mut writer, total));
         let mut got = 0u64;
         let mut data = vec![0u8; BUF_SIZE as usize];
         while got < total {
@@ -714,32 +747,9 @@ impl Bench {
     /// Guest→host: the driver keeps port 1's transmitq full of pattern buffers; the client
     /// reads and checks them.
     fn console_tx(&mut self, total: u64) -> Result<Outcome, String> {
-        let mut reader = self
-            .client
-            .try_clone()
-            .map_err(|e| format!("client socket: {e}"))?;
-        self.console[PORT1_TX].take_counts();
-        let meter = self.start()?;
-        let client = std::thread::spawn(move || -> Result<(), String> {
-            let pattern = Pattern::new();
-            let mut buf = vec![0u8; CLIENT_CHUNK];
-            let mut got = 0u64;
-            while got < total {
-                let want = CLIENT_CHUNK.min((total - got) as usize);
-                let n = match reader.read(&mut buf[..want]) {
-                    Ok(0) => return Err(format!("client: EOF after {got} of {total} bytes")),
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(format!("client read: {e}")),
-                };
-                if buf[..n] != *pattern.at(got, n) {
-                    return Err(format!(
-                        "console guest->host: wrong bytes near offset {got}"
-                    ));
-                }
-                got += n as u64;
-            }
-            Ok(())
+        let (mut reader, meter) = self.start(PORT1_TX)?;
+        let client = std::thread::spawn(move || {
+            Pattern::new().expect(&mut reader, total, "console guest->host")
         });
         let mut posted = 0u64;
         loop {
@@ -775,7 +785,7 @@ impl Bench {
     /// The driver keeps the rng queue full of writable pages until `total` bytes came back.
     fn rng(&mut self, total: u64) -> Result<Outcome, String> {
         self.rng[0].take_counts();
-        let meter = self.start()?;
+        let meter = self.meter()?;
         let q = &mut self.rng[0];
         q.fill(&self.mem)?;
         q.kick(&self.mem)?;

@@ -7,7 +7,7 @@
 //! configuration space accesses of the boot (each one a vCPU exit): chapeau logs its count at
 //! exit; QEMU's come from its trace events (see `qemu_pci_config_accesses`).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -25,7 +25,6 @@ const PCI_MARKER: &str = "PCI configuration space accesses (each a vCPU exit): "
 const MEMORY_MIB: u64 = 256;
 /// How long the echo may make no progress before the run counts as failed.
 const STALL: Duration = Duration::from_secs(120);
-const CHUNK: usize = 64 << 10;
 /// QEMU's memory region for the ECAM window of microvm's PCIe host (`-M microvm,pcie=on`).
 const QEMU_ECAM_REGION: &str = "pcie-mmcfg-mmio";
 
@@ -367,37 +366,11 @@ fn connect(path: &Path) -> Result<UnixStream, String> {
 /// the first wrong byte or after `stall` without progress.
 fn round_trip(client: &mut UnixStream, bytes: u64, stall: Duration) -> Result<(), String> {
     let mut writer = client.try_clone().map_err(|e| format!("client: {e}"))?;
-    let sender = std::thread::spawn(move || -> Result<(), String> {
-        let pattern = Pattern::new();
-        let mut sent = 0u64;
-        while sent < bytes {
-            let n = CHUNK.min((bytes - sent) as usize);
-            writer
-                .write_all(pattern.at(sent, n))
-                .map_err(|e| format!("client write: {e}"))?;
-            sent += n as u64;
-        }
-        Ok(())
-    });
+    let sender = std::thread::spawn(move || Pattern::new().send(&mut writer, bytes));
     client
         .set_read_timeout(Some(stall))
         .map_err(|e| format!("client: {e}"))?;
-    let pattern = Pattern::new();
-    let mut buf = vec![0u8; CHUNK];
-    let mut got = 0u64;
-    while got < bytes {
-        let want = CHUNK.min((bytes - got) as usize);
-        let n = match client.read(&mut buf[..want]) {
-            Ok(0) => return Err(format!("echo: EOF after {got} of {bytes} bytes")),
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(format!("echo: {e} after {got} of {bytes} bytes")),
-        };
-        if buf[..n] != *pattern.at(got, n) {
-            return Err(format!("echo: wrong bytes near offset {got}"));
-        }
-        got += n as u64;
-    }
+    Pattern::new().expect(client, bytes, "echo")?;
     sender
         .join()
         .map_err(|_| "the sender thread panicked".to_string())?
