@@ -544,7 +544,7 @@ struct Bench {
     rng: Vec<DriverQueue>,
     /// The port's host side, connected before the port opens.
     client: UnixStream,
-    socket: PathBuf,
+    _socket: SocketFile,
     control_in: VecDeque<ControlMessage>,
     devices: DeviceThread,
 }
@@ -561,6 +561,7 @@ impl Bench {
         };
         let console =
             Console::new(&ConsoleOutput::Off, &[port]).map_err(|e| format!("console: {e}"))?;
+        let socket = SocketFile(socket);
         let rng = Rng::new(Path::new(DEFAULT_SOURCE)).map_err(|e| format!("rng: {e}"))?;
         let console = Arc::new(Mutex::new(console));
         let rng = Arc::new(Mutex::new(rng));
@@ -582,9 +583,9 @@ impl Bench {
             pattern: Pattern::new(),
             console: console_queues,
             rng: rng_queues,
-            client: UnixStream::connect(&socket)
-                .map_err(|e| format!("connect {}: {e}", socket.display()))?,
-            socket,
+            client: UnixStream::connect(&socket.0)
+                .map_err(|e| format!("connect {}: {e}", socket.0.display()))?,
+            _socket: socket,
             control_in: VecDeque::new(),
             devices,
         };
@@ -812,9 +813,16 @@ impl Bench {
 
     fn finish(self) -> Result<(), String> {
         drop(self.client);
-        let result = self.devices.finish();
-        // The console removes its socket file when dropped; this covers a failed drop order.
-        let _ = std::fs::remove_file(&self.socket);
-        result
+        self.devices.finish()
+    }
+}
+
+/// Removes the port's socket file however the benchmark ends: after an error the console
+/// (which would remove it) stays with the device thread, which is never joined then.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
