@@ -3,7 +3,7 @@
 
 The image can be handed to a guest as an NVDIMM (ACPI NFIT) or virtio-pmem device and booted with
 root=/dev/pmem0p1 rootflags=dax,... : the kernel's nd_pfn driver finds an "info block" at offset
-4 KiB, keeps the struct-page memmap for the device in the first 2 MiB and exposes the rest as
+4 KiB, keeps the struct-page memmap for the device in guest RAM, skips the first 2 MiB and exposes the rest as
 /dev/pmem0, whose own MBR puts /dev/pmem0p1 (ext4, 4 KiB blocks so DAX works) at image offset
 3 MiB. A first MBR at offset 0 describes the same partition for plain block devices.
 
@@ -16,8 +16,11 @@ root=/dev/pmem0p1 rootflags=dax,... : the kernel's nd_pfn driver finds an "info 
 The info block (fields in struct order): signature "NVDIMM_PFN_INFO\\0"; uuid (fixed, derived
 from a name); parent_uuid all zero (what nd_dev_to_uuid() reports for a label-less "io"
 namespace, which nd_pfn_validate() compares against); flags 0; version 1.4; dataoff 2 MiB
-(where pfn data starts, relative to the namespace); npfns = (size - dataoff) / 4096; mode 2
-(PFN_MODE_PMEM: memmap stored on the device); start_pad 0; end_trunc 0; align 2 MiB;
+(where pfn data starts, relative to the namespace); npfns = (size - dataoff) / 4096; mode 1
+(PFN_MODE_RAM: the guest keeps the struct-page memmap in its RAM, as Kata's own nsdax tool
+does; with PFN_MODE_PMEM the guest writes its memmap into the image, which a host that maps the
+image read-only drops, leaving the guest with a zeroed memmap once the image reaches a memory
+section, 128 MiB); start_pad 0; end_trunc 0; align 2 MiB;
 page_size 4096; page_struct_size 64 (MAX_STRUCT_PAGE_SIZE); zero padding; checksum =
 nd_fletcher64 over the 4096 bytes with the checksum field (last 8 bytes) taken as zero
 (drivers/nvdimm/claim.c nd_sb_checksum, core.c nd_fletcher64).
@@ -54,7 +57,7 @@ FS_OFFSET = DATA_OFFSET + FS_OFFSET_IN_PMEM
 PAGE = 4096
 
 PFN_SIGNATURE = b"NVDIMM_PFN_INFO\x00"
-PFN_MODE_PMEM = 2
+PFN_MODE_RAM = 1
 PFN_VERSION = (1, 4)
 PFN_ALIGN = 2 * MiB
 STRUCT_PAGE_MAX = 64             # MAX_STRUCT_PAGE_SIZE, drivers/nvdimm/nd.h
@@ -75,7 +78,7 @@ PFN_FIELDS = [
     ("version_minor", "H", PFN_VERSION[1]),
     ("dataoff", "Q", DATA_OFFSET),
     ("npfns", "Q", None),
-    ("mode", "I", PFN_MODE_PMEM),
+    ("mode", "I", PFN_MODE_RAM),
     ("start_pad", "I", 0),
     ("end_trunc", "I", 0),
     ("align", "I", PFN_ALIGN),

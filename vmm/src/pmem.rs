@@ -135,6 +135,27 @@ fn open_image(config: &PmemConfig) -> Result<(File, u64), PmemError> {
     Ok((file, size))
 }
 
+/// Where Linux's nd_pfn info block sits in a namespace, and what it looks like.
+const PFN_INFO_OFFSET: u64 = 4096;
+const PFN_SIGNATURE: &[u8; 16] = b"NVDIMM_PFN_INFO\0";
+/// Offset of `mode` in struct nd_pfn_sb, and PFN_MODE_PMEM (memmap kept on the device).
+const PFN_MODE_OFFSET: usize = 72;
+const PFN_MODE_PMEM: u32 = 2;
+/// Linux keeps a device's memmap on the device (its altmap) only for whole memory sections.
+const MEMORY_SECTION: u64 = 128 << 20;
+
+/// Whether the guest will write its struct-page memmap into this image: a pfn info block in
+/// PFN_MODE_PMEM on an image of a memory section or more. Read-only, those writes are dropped
+/// and the guest's memmap reads back as the image's bytes.
+fn guest_writes_memmap(file: &File, size: u64) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut block = [0u8; PFN_MODE_OFFSET + 4];
+    size >= MEMORY_SECTION
+        && file.read_exact_at(&mut block, PFN_INFO_OFFSET).is_ok()
+        && block[..16] == PFN_SIGNATURE[..]
+        && u32::from_le_bytes([block[72], block[73], block[74], block[75]]) == PFN_MODE_PMEM
+}
+
 /// Refuses one file behind two devices unless both only read it.
 fn check_sharing(configs: &[PmemConfig], files: &[File]) -> Result<(), PmemError> {
     let mut seen: HashMap<(u64, u64), usize> = HashMap::new();
@@ -212,6 +233,14 @@ pub fn open_images(configs: &[PmemConfig], mem_size: u64) -> Result<Vec<PmemRegi
             .allocate(size, layout::PMEM_ALIGN, AllocPolicy::FirstMatch)
             .map_err(|_| window_error())?
             .start();
+        if config.readonly && guest_writes_memmap(&file, size) {
+            log::warn!(
+                "pmem image {}: its nd_pfn info block keeps the guest's memmap on the image \
+                 (mode pmem), which is read-only here: the guest cannot use it; rebuild the \
+                 image with mode ram (as Kata's nsdax does) or pass readonly=off",
+                config.file.display()
+            );
+        }
         let mapping = map_file(&config.file, &file, size, config.readonly)?;
         let kind = match config.model {
             PmemModel::Nvdimm => "NVDIMM",
@@ -330,6 +359,22 @@ mod tests {
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(&img, &link).unwrap();
         assert!(error(&[config(&img, false), config(&link, true)]).contains("given twice"));
+    }
+
+    #[test]
+    fn memmap_on_a_section_sized_image_is_spotted() {
+        use std::os::unix::fs::FileExt;
+        let path = image("pfn.img", 128 << 20);
+        let file = File::options().read(true).write(true).open(&path).unwrap();
+        let mut block = vec![0u8; 76];
+        block[..16].copy_from_slice(PFN_SIGNATURE);
+        block[72..76].copy_from_slice(&PFN_MODE_PMEM.to_le_bytes());
+        file.write_all_at(&block, PFN_INFO_OFFSET).unwrap();
+        assert!(guest_writes_memmap(&file, 128 << 20));
+        assert!(!guest_writes_memmap(&file, 64 << 20), "below a section");
+        block[72] = 1; // PFN_MODE_RAM
+        file.write_all_at(&block, PFN_INFO_OFFSET).unwrap();
+        assert!(!guest_writes_memmap(&file, 128 << 20));
     }
 
     #[test]

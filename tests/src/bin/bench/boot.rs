@@ -33,9 +33,7 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
         cpus: 1,
         memory_mib: 128,
         systems: System::ALL.to_vec(),
-        guest_dir: std::env::var_os("CHAPEAU_GUEST_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace_root().join("../shared/guest")),
+        guest_dir: default_guest_dir(),
         timeout: Duration::from_secs(400),
     };
     parse_flags(args, |flag, value| {

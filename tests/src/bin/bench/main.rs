@@ -23,12 +23,14 @@ use std::thread::JoinHandle;
 
 mod boot;
 mod datapath;
+mod pmem;
 mod port;
 
 const USAGE: &str = "usage: bench boot [--runs N] [--cpus N] [--memory MIB] \
 [--systems chapeau,qemu-microvm,qemu-pc] [--guest-dir DIR] [--timeout S]
        bench datapath [--mib N] [--runs N]
-       bench port [--mib N] [--systems chapeau,qemu-microvm] [--guest-dir DIR] [--timeout S]";
+       bench port [--mib N] [--systems chapeau,qemu-microvm] [--guest-dir DIR] [--timeout S]
+       bench pmem [--image-mib N] [--data-mib N] [--systems chapeau,qemu-pc] [--guest-dir DIR] [--timeout S]";
 
 /// What QEMU needs appended on a PVM host when the guest dir has no `pvm-cmdline` (chapeau adds
 /// its own set).
@@ -111,17 +113,10 @@ fn parse_systems(list: &str, allowed: &[System]) -> Result<Vec<System>, String> 
     Ok(systems)
 }
 
-/// `--guest-dir`'s default: CHAPEAU_GUEST_DIR, else our own guest build if it exists (its
-/// uncompressed initramfs saves a minute per boot on PVM hosts), else the shared guest.
+/// `--guest-dir`'s default: the integration tests' guest (CHAPEAU_GUEST_DIR, else our own
+/// build in target/guest, else the shared guest).
 fn default_guest_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("CHAPEAU_GUEST_DIR") {
-        return PathBuf::from(dir);
-    }
-    let ours = workspace_root().join("../build/guest/out");
-    if ours.join("vmlinux").exists() {
-        return ours;
-    }
-    workspace_root().join("../shared/guest")
+    ::tests::guest_dir()
 }
 
 fn parse_positive<T: std::str::FromStr + PartialOrd + Default>(
@@ -638,6 +633,7 @@ fn main() -> ExitCode {
         "boot" => boot::run(rest),
         "datapath" => datapath::run(rest),
         "port" => port::run(rest),
+        "pmem" => pmem::run(rest),
         "" => Err(Failure::Usage("missing benchmark name".into())),
         other => Err(Failure::Usage(format!("unknown benchmark {other:?}"))),
     };
