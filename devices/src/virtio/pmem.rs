@@ -11,11 +11,10 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::sync::Arc;
 
-use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 
-use super::single_queue::{QueueEvent, SingleQueue};
+use super::single_queue::{single_queue_subscriber, SingleQueue};
 use super::{
     ActivateError, ActivatedQueue, VirtioDevice, VirtioInterrupt, TYPE_PMEM, VIRTIO_F_VERSION_1,
 };
@@ -153,17 +152,7 @@ impl Pmem {
     }
 }
 
-impl MutEventSubscriber for Pmem {
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if self.queue.handle_event(&events, ops, "virtio-pmem") == QueueEvent::Process {
-            self.process_queue();
-        }
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        self.queue.init(ops, "virtio-pmem");
-    }
-}
+single_queue_subscriber!(Pmem, "virtio-pmem");
 
 impl VirtioDevice for Pmem {
     fn device_type(&self) -> u32 {

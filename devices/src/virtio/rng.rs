@@ -13,11 +13,10 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use super::single_queue::{QueueEvent, SingleQueue};
+use super::single_queue::{single_queue_subscriber, SingleQueue};
 use super::{
     ActivateError, ActivatedQueue, VirtioDevice, VirtioInterrupt, TYPE_RNG, VIRTIO_F_VERSION_1,
 };
@@ -152,17 +151,7 @@ impl Rng {
     }
 }
 
-impl MutEventSubscriber for Rng {
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if self.queue.handle_event(&events, ops, "virtio-rng") == QueueEvent::Process {
-            self.process_queue();
-        }
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        self.queue.init(ops, "virtio-rng");
-    }
-}
+single_queue_subscriber!(Rng, "virtio-rng");
 impl VirtioDevice for Rng {
     fn device_type(&self) -> u32 {
         TYPE_RNG
@@ -207,7 +196,7 @@ impl VirtioDevice for Rng {
 mod tests {
     use super::*;
     use crate::virtio::test_util::{desc, used, CountingInterrupt};
-    use event_manager::{EventManager, SubscriberOps};
+    use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
     use std::sync::atomic::Ordering;
     use std::sync::Mutex;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};

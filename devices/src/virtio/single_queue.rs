@@ -151,3 +151,28 @@ impl SingleQueue {
         self.retired.len()
     }
 }
+
+/// Implements `MutEventSubscriber` for a one-queue device whose `SingleQueue` is its field
+/// `queue` and whose `process_queue()` serves it; `$name` prefixes its log lines.
+macro_rules! single_queue_subscriber {
+    ($device:ty, $name:literal) => {
+        impl event_manager::MutEventSubscriber for $device {
+            fn process(
+                &mut self,
+                events: event_manager::Events,
+                ops: &mut event_manager::EventOps,
+            ) {
+                if self.queue.handle_event(&events, ops, $name)
+                    == $crate::virtio::single_queue::QueueEvent::Process
+                {
+                    self.process_queue();
+                }
+            }
+
+            fn init(&mut self, ops: &mut event_manager::EventOps) {
+                self.queue.init(ops, $name);
+            }
+        }
+    };
+}
+pub(crate) use single_queue_subscriber;
