@@ -59,7 +59,7 @@ int main(int argc, char **argv)
 		passes++;
 		t2 = now();
 	} while (t2 - t1 < 1.0 && passes < 1000);
-	printf("GUEST_MMAP_READ=%zu first_mbps=%.0f second_mbps=%.0f sum=%llx%s\n", len >> 20,
+	printf("GUEST_MMAP_READ=%zu first_mbps=%.2f second_mbps=%.0f sum=%llx%s\n", len >> 20,
 	       mb / (t1 - t0), mb * passes / (t2 - t1), (unsigned long long)s2,
 	       s1 == s2 ? "" : " MISMATCH");
 	return 0;
