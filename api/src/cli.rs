@@ -437,7 +437,6 @@ mod tests {
                 },
             ]
         );
-        assert_eq!(config.nvdimms().count(), 1);
         assert_eq!(
             config.pmem[1].to_string(),
             "file=/img/rw.img,model=virtio,readonly=off"

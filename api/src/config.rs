@@ -62,11 +62,6 @@ impl VmConfig {
     pub fn has_virtio_console(&self) -> bool {
         self.console != ConsoleConfig::Off || !self.ports.is_empty()
     }
-
-    /// The NVDIMMs, in the order given (the guest's pmem0, pmem1, ... when nothing else is pmem).
-    pub fn nvdimms(&self) -> impl Iterator<Item = &PmemConfig> {
-        self.pmem.iter().filter(|p| p.model == PmemModel::Nvdimm)
-    }
 }
 
 /// vCPUs and RAM.

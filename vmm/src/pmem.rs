@@ -153,13 +153,13 @@ fn guest_writes_memmap(file: &File, size: u64) -> bool {
     size >= MEMORY_SECTION
         && file.read_exact_at(&mut block, PFN_INFO_OFFSET).is_ok()
         && block[..16] == PFN_SIGNATURE[..]
-        && u32::from_le_bytes([block[72], block[73], block[74], block[75]]) == PFN_MODE_PMEM
+        && block[PFN_MODE_OFFSET..] == PFN_MODE_PMEM.to_le_bytes()
 }
 
 /// Refuses one file behind two devices unless both only read it.
-fn check_sharing(configs: &[PmemConfig], files: &[File]) -> Result<(), PmemError> {
+fn check_sharing(configs: &[PmemConfig], opened: &[(File, u64)]) -> Result<(), PmemError> {
     let mut seen: HashMap<(u64, u64), usize> = HashMap::new();
-    for (i, (config, file)) in configs.iter().zip(files).enumerate() {
+    for (i, (config, (file, _))) in configs.iter().zip(opened).enumerate() {
         let meta = file.metadata().map_err(|source| PmemError::Open {
             path: config.file.clone(),
             source,
@@ -212,15 +212,7 @@ pub fn open_images(configs: &[PmemConfig], mem_size: u64) -> Result<Vec<PmemRegi
         .iter()
         .map(open_image)
         .collect::<Result<Vec<_>, _>>()?;
-    let files: Vec<File> = opened
-        .iter()
-        .map(|(file, _)| file.try_clone())
-        .collect::<Result<_, _>>()
-        .map_err(|source| PmemError::Open {
-            path: configs[0].file.clone(),
-            source,
-        })?;
-    check_sharing(configs, &files)?;
+    check_sharing(configs, &opened)?;
 
     let (start, window) = layout::pmem_window(mem_size);
     let window_error = || PmemError::Window {
