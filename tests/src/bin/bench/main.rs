@@ -27,7 +27,7 @@ mod pmem;
 mod port;
 
 const USAGE: &str = "usage: bench boot [--runs N] [--cpus N] [--memory MIB] \
-[--systems chapeau,qemu-microvm,qemu-pc] [--guest-dir DIR] [--timeout S]
+[--systems chapeau,qemu-microvm,qemu-pc,firecracker] [--guest-dir DIR] [--timeout S]
        bench datapath [--mib N] [--runs N]
        bench port [--mib N] [--systems chapeau,qemu-microvm] [--guest-dir DIR] [--timeout S]
        bench pmem [--image-mib N] [--data-mib N] [--systems chapeau,qemu-pc] [--guest-dir DIR] [--timeout S]";
@@ -47,16 +47,23 @@ enum System {
     Chapeau,
     QemuMicrovm,
     QemuPc,
+    Firecracker,
 }
 
 impl System {
-    const ALL: [System; 3] = [System::Chapeau, System::QemuMicrovm, System::QemuPc];
+    const ALL: [System; 4] = [
+        System::Chapeau,
+        System::QemuMicrovm,
+        System::QemuPc,
+        System::Firecracker,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             System::Chapeau => "chapeau",
             System::QemuMicrovm => "qemu-microvm",
             System::QemuPc => "qemu-pc",
+            System::Firecracker => "firecracker",
         }
     }
 
@@ -174,8 +181,10 @@ struct ProcStats {
 }
 
 fn is_vcpu_thread(comm: &str) -> bool {
-    // chapeau names them vcpuN; QEMU (with debug-threads=on) "CPU N/KVM".
-    comm.starts_with("vcpu") || (comm.starts_with("CPU ") && comm.ends_with("/KVM"))
+    // chapeau names them vcpuN; QEMU (with debug-threads=on) "CPU N/KVM"; Firecracker "fc_vcpu N".
+    comm.starts_with("vcpu")
+        || comm.starts_with("fc_vcpu")
+        || (comm.starts_with("CPU ") && comm.ends_with("/KVM"))
 }
 
 /// Fields 14, 15 and 43 (utime, stime, guest_time) of a stat line. The comm in field 2 may hold
@@ -369,6 +378,45 @@ struct Setup {
     qemu_append: String,
     /// `-M` for QemuMicrovm.
     microvm_machine: String,
+    /// Built from source outside the repo: `FIRECRACKER` or `firecracker` on PATH.
+    firecracker: Option<PathBuf>,
+}
+
+fn firecracker_available() -> bool {
+    std::env::var_os("FIRECRACKER").is_some() || find_in_path("firecracker").is_some()
+}
+
+/// Firecracker's boot without its API socket: a config file in the same JSON its API takes.
+/// Firecracker ends when the guest resets (i8042), not on ACPI power-off, so its guest is told
+/// to reboot instead of powering off.
+fn firecracker_command(setup: &Setup, cpus: &str, memory: &str) -> Result<Command, String> {
+    let firecracker = setup.firecracker.as_ref().ok_or(
+        "firecracker not found: build it from source and set FIRECRACKER=PATH or put it on PATH",
+    )?;
+    let boot_args = setup.qemu_append.replace("test=poweroff", "test=reboot");
+    let config = serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": setup.kernel,
+            "initrd_path": setup.initramfs,
+            "boot_args": boot_args,
+        },
+        "drives": [],
+        "machine-config": {
+            "vcpu_count": cpus.parse::<u32>().map_err(|e| e.to_string())?,
+            "mem_size_mib": memory.parse::<u64>().map_err(|e| e.to_string())?,
+        },
+    });
+    static RUN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let run = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!(
+        "chapeau-bench-firecracker-{}-{run}.json",
+        std::process::id()
+    ));
+    std::fs::write(&path, config.to_string()).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut cmd = Command::new(firecracker);
+    cmd.args(["--no-api", "--level", "Warning", "--config-file"])
+        .arg(&path);
+    Ok(cmd)
 }
 
 /// The VM of `sys`, without any device beyond the serial console.
@@ -394,6 +442,7 @@ fn command_for(sys: System, setup: &Setup, cpus: u32, memory_mib: u64) -> Result
                 .args(["--log-level", "info"]);
             Ok(cmd)
         }
+        System::Firecracker => firecracker_command(setup, &cpus, &memory),
         System::QemuMicrovm | System::QemuPc => {
             let qemu = setup
                 .qemu
@@ -585,6 +634,9 @@ fn prepare(
         cmdline: cmdline.to_string(),
         qemu_append,
         microvm_machine: microvm_machine.to_string(),
+        firecracker: std::env::var_os("FIRECRACKER")
+            .map(PathBuf::from)
+            .or_else(|| find_in_path("firecracker")),
     })
 }
 
