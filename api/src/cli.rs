@@ -20,7 +20,7 @@ Describe the VM with flags, or with --config FILE: a JSON file in the same schem
 accepts. The guest's serial console goes where --serial says; chapeau's own log goes to stderr.";
 
 /// Flags that describe the VM; `--config` replaces all of them.
-const VM_FLAGS: [&str; 11] = [
+const VM_FLAGS: [&str; 12] = [
     "kernel",
     "initrd",
     "cmdline",
@@ -32,6 +32,7 @@ const VM_FLAGS: [&str; 11] = [
     "ports",
     "rng",
     "pmem",
+    "thp",
 ];
 
 /// What a bare `--rng` means.
@@ -59,6 +60,10 @@ pub struct Cli {
     /// Guest RAM in MiB.
     #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MEMORY_MIB)]
     pub memory: u64,
+
+    /// Back guest RAM with transparent huge pages (more RSS, fewer TLB misses).
+    #[arg(long)]
+    pub thp: bool,
 
     /// Where the guest's first serial port (COM1, ttyS0) goes: stdout, file=PATH, or off to
     /// discard it.
@@ -131,6 +136,7 @@ impl Cli {
             machine: MachineConfig {
                 vcpus: self.cpus,
                 memory_mib: self.memory,
+                thp: self.thp,
             },
             boot: BootConfig {
                 kernel,
@@ -232,7 +238,8 @@ mod tests {
             VmConfig {
                 machine: MachineConfig {
                     vcpus: 2,
-                    memory_mib: 512
+                    memory_mib: 512,
+                    thp: false,
                 },
                 boot: BootConfig {
                     kernel: "/guest/vmlinux".into(),
@@ -437,6 +444,8 @@ mod tests {
                 },
             ]
         );
+        assert!(!config.machine.thp);
+        assert!(config_of(&["--kernel", "/k", "--thp"]).unwrap().machine.thp);
         assert_eq!(
             config.pmem[1].to_string(),
             "file=/img/rw.img,model=virtio,readonly=off"

@@ -70,6 +70,10 @@ impl VmConfig {
 pub struct MachineConfig {
     pub vcpus: u8,
     pub memory_mib: u64,
+    /// Transparent huge pages for guest RAM. Off by default: the guest's touched memory then
+    /// grows in 2 MiB steps (+6 MiB RSS for the test guest) without a faster boot on the hosts
+    /// measured; worth it for memory-heavy guests on hardware KVM (fewer TLB misses).
+    pub thp: bool,
 }
 
 impl Default for MachineConfig {
@@ -77,6 +81,7 @@ impl Default for MachineConfig {
         MachineConfig {
             vcpus: DEFAULT_VCPUS,
             memory_mib: DEFAULT_MEMORY_MIB,
+            thp: false,
         }
     }
 }
@@ -765,7 +770,8 @@ mod tests {
             VmConfig {
                 machine: MachineConfig {
                     vcpus: 1,
-                    memory_mib: 256
+                    memory_mib: 256,
+                    thp: false,
                 },
                 boot: BootConfig {
                     kernel: "/k".into(),
@@ -817,6 +823,10 @@ mod tests {
             VmConfig::from_json(r#"{"machine":{"vcpus":4},"boot":{"kernel":"/k"}}"#).unwrap();
         assert_eq!(config.machine.vcpus, 4);
         assert_eq!(config.machine.memory_mib, DEFAULT_MEMORY_MIB);
+        assert!(!config.machine.thp);
+        let config =
+            VmConfig::from_json(r#"{"machine":{"thp":true},"boot":{"kernel":"/k"}}"#).unwrap();
+        assert!(config.machine.thp);
     }
 
     #[test]
@@ -836,6 +846,7 @@ mod tests {
             machine: MachineConfig {
                 vcpus: 2,
                 memory_mib: 512,
+                thp: false,
             },
             boot: BootConfig {
                 kernel: "/guest/vmlinux".into(),

@@ -225,7 +225,7 @@ pub fn run_vm(config: &VmConfig) -> Result<ExitReason, VmmError> {
 
     let kvm = kvm::open_kvm(vcpus)?;
     phase("open /dev/kvm");
-    let mem = memory::create_guest_memory(config.machine.memory_mib)?;
+    let mem = memory::create_guest_memory(config.machine.memory_mib, config.machine.thp)?;
     phase("guest memory");
     let pmem = pmem::open_images(&config.pmem, config.machine.memory_mib << 20)?;
     phase("map pmem images");

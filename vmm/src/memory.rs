@@ -34,7 +34,9 @@ pub fn host_memory_mib() -> Result<u64, MemoryError> {
         .ok_or_else(|| MemoryError::HostSize(std::io::Error::other("no MemTotal line")))
 }
 
-pub fn create_guest_memory(memory_mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
+/// Guest RAM of `memory_mib` MiB, laid out by the layout module; with `thp`, advised for
+/// transparent huge pages.
+pub fn create_guest_memory(memory_mib: u64, thp: bool) -> Result<GuestMemoryMmap, MemoryError> {
     let host_mib = host_memory_mib()?;
     if memory_mib > host_mib {
         return Err(MemoryError::MoreThanHost {
@@ -50,8 +52,10 @@ pub fn create_guest_memory(memory_mib: u64) -> Result<GuestMemoryMmap, MemoryErr
         mib: memory_mib,
         source,
     })?;
-    for region in mem.iter() {
-        advise_huge_pages(region.as_ptr(), region.size());
+    if thp {
+        for region in mem.iter() {
+            advise_huge_pages(region.as_ptr(), region.size());
+        }
     }
     Ok(mem)
 }
