@@ -18,14 +18,15 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// Where the guest artifacts are: `CHAPEAU_GUEST_DIR`; else our own build in `target/guest`
-/// (`resources/guest/build.sh target/guest`, what `.ci/run` does) when it is there; else the
-/// shared set in `../shared/guest` beside the repo.
+/// (`resources/guest/build.sh target/guest`, what `.ci/run` does) once it finished (build.sh
+/// writes SHA256SUMS last, so a build that stopped halfway is not used); else the shared set in
+/// `../shared/guest` beside the repo.
 pub fn guest_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("CHAPEAU_GUEST_DIR") {
         return PathBuf::from(dir);
     }
     let ours = workspace_root().join("target/guest");
-    if ours.join("vmlinux").exists() {
+    if ours.join("SHA256SUMS").exists() {
         return ours;
     }
     workspace_root().join("../shared/guest")

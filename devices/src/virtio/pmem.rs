@@ -40,8 +40,6 @@ pub struct Pmem {
     /// The backing file, for flushes; `None` when read-only (nothing can be dirty).
     file: Option<File>,
     config: [u8; CONFIG_SIZE],
-    acked_features: u64,
-    queue_sizes: [u16; 1],
     queue: SingleQueue,
     flushes: u64,
     bad_requests: u64,
@@ -57,8 +55,6 @@ impl Pmem {
         Ok(Self {
             file,
             config,
-            acked_features: 0,
-            queue_sizes: [QUEUE_SIZE],
             queue: SingleQueue::new().map_err(PmemDeviceError::EventFd)?,
             flushes: 0,
             bad_requests: 0,
@@ -74,59 +70,51 @@ impl Pmem {
     }
 
     /// Syncs the file's data (a read-only image has nothing to sync).
-    fn flush(&mut self) -> u32 {
-        self.flushes += 1;
-        log::debug!("virtio-pmem: flush request {}", self.flushes);
-        match &self.file {
-            None => RESP_OK,
-            Some(file) => match file.sync_data() {
-                Ok(()) => RESP_OK,
-                Err(e) => {
-                    log::warn!("virtio-pmem: flush failed: {e}");
-                    RESP_EIO
-                }
-            },
+    fn flush(file: Option<&File>) -> u32 {
+        match file.map(File::sync_data) {
+            None | Some(Ok(())) => RESP_OK,
+            Some(Err(e)) => {
+                log::warn!("virtio-pmem: flush failed: {e}");
+                RESP_EIO
+            }
         }
     }
 
     /// Serves the queue; returns true when it stopped at the per-wake limit.
     pub fn process_queue(&mut self) -> bool {
+        let Some(active) = self.queue.active_mut() else {
+            return false;
+        };
         let mut served = 0;
-        let mut exhausted = false;
-        loop {
-            let Some(active) = self.queue.active_mut() else {
-                return false;
-            };
-            if served == MAX_REQUESTS_PER_WAKE {
-                exhausted = active.has_more();
-                if exhausted {
-                    let _ = active.notify.write(1);
-                }
-                break;
-            }
-            let mem = active.mem.clone();
-            let Some(chain) = active.queue.pop_descriptor_chain(&mem) else {
+        while served < MAX_REQUESTS_PER_WAKE {
+            let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) else {
                 break;
             };
             let head = chain.head_index();
-            let request = chain.clone().reader(&mem).ok().and_then(|mut reader| {
-                let mut kind = [0u8; 4];
-                reader
-                    .read_exact(&mut kind)
-                    .ok()
-                    .map(|()| u32::from_le_bytes(kind))
-            });
+            let request = chain
+                .clone()
+                .reader(&active.mem)
+                .ok()
+                .and_then(|mut reader| {
+                    let mut kind = [0u8; 4];
+                    reader
+                        .read_exact(&mut kind)
+                        .ok()
+                        .map(|()| u32::from_le_bytes(kind))
+                });
             let status = match request {
-                Some(REQ_TYPE_FLUSH) => Some(self.flush()),
-                Some(other) => {
-                    log::warn!("virtio-pmem: unknown request type {other}");
-                    Some(RESP_EIO)
+                Some(REQ_TYPE_FLUSH) => {
+                    self.flushes += 1;
+                    log::debug!("virtio-pmem: flush request {}", self.flushes);
+                    Some(Self::flush(self.file.as_ref()))
                 }
+                // Not logged: a guest could repeat it forever.
+                Some(_) => Some(RESP_EIO),
                 None => None,
             };
             let written = status
                 .and_then(|status| {
-                    let mut writer = chain.writer(&mem).ok()?;
+                    let mut writer = chain.writer(&active.mem).ok()?;
                     writer.write_all(&status.to_le_bytes()).ok()?;
                     Some(4)
                 })
@@ -134,9 +122,6 @@ impl Pmem {
                     self.bad_requests += 1;
                     0
                 });
-            let Some(active) = self.queue.active_mut() else {
-                return false;
-            };
             if let Err(e) = active.queue.add_used(&active.mem, head, written) {
                 log::warn!("virtio-pmem: cannot complete a request: {e:?}");
                 break;
@@ -144,9 +129,12 @@ impl Pmem {
             served += 1;
         }
         if served > 0 {
-            if let Some(active) = self.queue.active_mut() {
-                active.notify_used("virtio-pmem");
-            }
+            active.notify_used("virtio-pmem");
+        }
+        let exhausted = served == MAX_REQUESTS_PER_WAKE && active.has_more();
+        if exhausted {
+            // Come back on the next turn of the loop for the rest.
+            let _ = active.notify.write(1);
         }
         exhausted
     }
@@ -160,7 +148,7 @@ impl VirtioDevice for Pmem {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
+        &[QUEUE_SIZE]
     }
 
     /// Not VIRTIO_PMEM_F_SHMEM_REGION: the region is described by `start`/`size` in the
@@ -169,9 +157,8 @@ impl VirtioDevice for Pmem {
         VIRTIO_F_VERSION_1
     }
 
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features();
-    }
+    /// No feature changes what the device does.
+    fn set_acked_features(&mut self, _features: u64) {}
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         data.fill(0);
@@ -198,7 +185,6 @@ impl VirtioDevice for Pmem {
 
     fn reset(&mut self) -> bool {
         self.queue.reset();
-        self.acked_features = 0;
         true
     }
 }

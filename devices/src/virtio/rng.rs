@@ -41,8 +41,6 @@ pub enum RngError {
 
 pub struct Rng {
     source: File,
-    acked_features: u64,
-    queue_sizes: [u16; 1],
     queue: SingleQueue,
     buf: Vec<u8>,
     /// Bytes handed to the guest, for tests and metrics.
@@ -63,8 +61,6 @@ impl Rng {
             })?;
         Ok(Self {
             source: file,
-            acked_features: 0,
-            queue_sizes: [QUEUE_SIZE],
             queue: SingleQueue::new().map_err(RngError::EventFd)?,
             buf: Vec::new(),
             bytes_served: 0,
@@ -158,16 +154,15 @@ impl VirtioDevice for Rng {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
+        &[QUEUE_SIZE]
     }
 
     fn avail_features(&self) -> u64 {
         VIRTIO_F_VERSION_1
     }
 
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features();
-    }
+    /// No feature changes what the device does.
+    fn set_acked_features(&mut self, _features: u64) {}
 
     /// virtio-rng has no configuration space.
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
@@ -187,7 +182,6 @@ impl VirtioDevice for Rng {
 
     fn reset(&mut self) -> bool {
         self.queue.reset();
-        self.acked_features = 0;
         true
     }
 }
