@@ -1,12 +1,18 @@
-//! The wire side of chapeau: the VM configuration schema and the command line that produces it.
+//! The wire side of chapeau: the VM configuration schema, the command line that produces it, and
+//! the typed requests every front end sends the VMM.
 //! Knows nothing of KVM.
 
 pub mod cli;
 pub mod config;
+pub mod request;
 
 pub use cli::{Cli, LogLevel};
 pub use config::{
     BootConfig, ConfigError, ConsoleConfig, MachineConfig, PmemConfig, PmemModel, PortConfig,
     PvmParams, RngConfig, SerialConfig, VmConfig, DEFAULT_RNG_SOURCE, MAX_PMEM_DEVICES, MAX_PORTS,
     MAX_PORT_NAME_LEN, MAX_VCPUS,
+};
+pub use request::{
+    Action, ActionType, InstanceInfo, LoggerConfig, MetricsConfig, PendingConfig, RequestError,
+    RequestedState, VmState, VmStateChange, VmmRequest, VmmResponse,
 };

@@ -96,4 +96,29 @@ pub trait VirtioDevice: MutEventSubscriber + Send {
     /// activation. Returns false if the device cannot be reset (the transport then keeps it
     /// failed until the VM ends).
     fn reset(&mut self) -> bool;
+    /// The VM pauses: when this returns, none of the device's own threads touches guest
+    /// memory or raises an interrupt until [`VirtioDevice::resume`]. Work the guest queued
+    /// meanwhile waits. Devices served only by the `vmm` event loop need nothing: the loop
+    /// stops dispatching device events while the VM is paused.
+    fn pause(&mut self) {}
+    /// The VM runs again: the device's threads go on, including with work queued meanwhile.
+    fn resume(&mut self) {}
+}
+
+/// Confines a device's own thread (`net0-q0`, `9p-1`, …) as the VMM's policy for that kind of
+/// thread says (seccomp filter, Landlock). Given to a device at construction by the VMM, which
+/// owns the policies; a device thread calls it first, before it touches guest memory, and ends
+/// if it fails.
+pub trait ThreadConfinement: Send + Sync {
+    /// `kind` names the policy: `"net"`, `"9p"`.
+    fn confine(&self, kind: &str) -> Result<(), String>;
+}
+
+/// No confinement: for tests and benchmarks that drive a device in-process.
+pub struct Unconfined;
+
+impl ThreadConfinement for Unconfined {
+    fn confine(&self, _kind: &str) -> Result<(), String> {
+        Ok(())
+    }
 }

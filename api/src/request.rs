@@ -1,0 +1,234 @@
+//! The one typed request/response pair every front end (command line, REST, QMP) uses to drive
+//! the VMM. The front ends translate their wire format into a [`VmmRequest`]; the `vmm` thread
+//! answers each with a [`VmmResponse`] or a [`RequestError`], which the front end turns back
+//! into its wire format (an HTTP status and `{"fault_message"}`, a QMP error class).
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{
+    BootConfig, ConsoleConfig, MachineConfig, PmemConfig, RngConfig, SerialConfig, VmConfig,
+};
+
+/// Where the VM is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmState {
+    /// Being configured; no guest exists yet (`InstanceStart` builds and starts it).
+    #[serde(rename = "Not started")]
+    Configured,
+    Running,
+    Paused,
+    /// The guest ended; the process is shutting down.
+    Stopped,
+}
+
+/// `PUT /actions`: `{"action_type": "InstanceStart"}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Action {
+    pub action_type: ActionType,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ActionType {
+    /// Build the configured VM and start its vCPUs.
+    InstanceStart,
+    /// Ask the guest to shut down (ACPI power button, or the i8042 for guests without ACPI).
+    SendCtrlAltDel,
+    /// Stop the VM now, in order: vCPUs parked and joined, devices dropped, files removed.
+    Shutdown,
+}
+
+/// `PATCH /vm`: `{"state": "Paused"}` or `{"state": "Resumed"}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmStateChange {
+    pub state: RequestedState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RequestedState {
+    Paused,
+    Resumed,
+}
+
+/// `PUT /logger`: where chapeau's own log goes and how much of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggerConfig {
+    /// `error`, `warn`, `info`, `debug` or `trace`.
+    #[serde(default)]
+    pub level: Option<String>,
+    /// A file to append the log to instead of stderr (created without following symlinks).
+    #[serde(default)]
+    pub log_path: Option<std::path::PathBuf>,
+}
+
+/// `PUT /metrics`: a file the metrics are written to as one JSON line every `interval_s`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub metrics_path: std::path::PathBuf,
+    #[serde(default = "default_metrics_interval")]
+    pub interval_s: u32,
+}
+
+fn default_metrics_interval() -> u32 {
+    60
+}
+
+/// `GET /`: who and where the VM is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceInfo {
+    pub id: String,
+    pub state: VmState,
+    /// chapeau's version.
+    pub vmm_version: String,
+    pub app_name: String,
+}
+
+/// One request to the VMM. Pre-boot resources (`Put*` but logger and metrics) are refused
+/// once the VM has started.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VmmRequest {
+    GetInfo,
+    GetConfig,
+    GetMetrics,
+    PutMachine(MachineConfig),
+    PutBoot(BootConfig),
+    /// `PUT /pmem/{id}`: adds, or replaces, the image with that id.
+    PutPmem {
+        id: String,
+        config: PmemConfig,
+    },
+    PutConsole(ConsoleConfig),
+    /// `PUT /ports/{name}` with `{"socket": PATH}`.
+    PutPort {
+        name: String,
+        socket: std::path::PathBuf,
+    },
+    PutSerial(SerialConfig),
+    PutRng(RngConfig),
+    PutLogger(LoggerConfig),
+    PutMetrics(MetricsConfig),
+    Action(ActionType),
+    SetState(RequestedState),
+}
+
+impl VmmRequest {
+    /// Whether the request configures the VM before it starts (409 afterwards).
+    pub fn is_pre_boot(&self) -> bool {
+        matches!(
+            self,
+            VmmRequest::PutMachine(_)
+                | VmmRequest::PutBoot(_)
+                | VmmRequest::PutPmem { .. }
+                | VmmRequest::PutConsole(_)
+                | VmmRequest::PutPort { .. }
+                | VmmRequest::PutSerial(_)
+                | VmmRequest::PutRng(_)
+        )
+    }
+}
+
+/// A successful answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VmmResponse {
+    /// Done; nothing to say (HTTP 204).
+    Empty,
+    Info(InstanceInfo),
+    /// The whole configuration, as `--config` would read it; `None` before a boot source is set
+    /// gives the parts that are (`boot` absent).
+    Config(serde_json::Value),
+    Metrics(serde_json::Value),
+}
+
+/// Why a request was refused. Each kind maps to one HTTP status; the message is one line for
+/// the caller and names the field, the state or the limit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// The request is malformed or a value is out of range (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// No such resource (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// Not in this state, e.g. a pre-boot resource after start, or pausing a paused VM (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// The VMM could not do it (500): a host failure, not the caller's fault.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// The configuration the API builds up before `InstanceStart`: a [`VmConfig`] whose boot
+/// source may not be set yet.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PendingConfig {
+    pub machine: MachineConfig,
+    pub boot: Option<BootConfig>,
+    pub serial: SerialConfig,
+    pub console: ConsoleConfig,
+    /// Named ports in the order they were first put.
+    pub ports: Vec<crate::config::PortConfig>,
+    pub rng: Option<RngConfig>,
+    /// pmem images by id, in the order they were first put.
+    pub pmem: Vec<(String, PmemConfig)>,
+}
+
+impl PendingConfig {
+    /// Starts from a whole config (the command line's), pmem ids `pmem0`, `pmem1`, ….
+    pub fn from_config(config: VmConfig) -> Self {
+        PendingConfig {
+            machine: config.machine,
+            boot: Some(config.boot),
+            serial: config.serial,
+            console: config.console,
+            ports: config.ports,
+            rng: config.rng,
+            pmem: config
+                .pmem
+                .into_iter()
+                .enumerate()
+                .map(|(i, p)| (format!("pmem{i}"), p))
+                .collect(),
+        }
+    }
+
+    /// The configuration to boot, validated; a 400 that names what is missing or wrong.
+    pub fn to_config(&self) -> Result<VmConfig, RequestError> {
+        let boot = self.boot.clone().ok_or_else(|| {
+            RequestError::BadRequest(
+                "no boot source: PUT /boot-source with a kernel before InstanceStart".into(),
+            )
+        })?;
+        let config = VmConfig {
+            machine: self.machine.clone(),
+            boot,
+            serial: self.serial.clone(),
+            console: self.console.clone(),
+            ports: self.ports.clone(),
+            rng: self.rng.clone(),
+            pmem: self.pmem.iter().map(|(_, p)| p.clone()).collect(),
+        };
+        config
+            .validate()
+            .map_err(|e| RequestError::BadRequest(e.to_string()))?;
+        Ok(config)
+    }
+
+    /// The configuration as JSON, as `GET /vm/config` shows it (boot absent until set).
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut value = serde_json::json!({
+            "machine": self.machine,
+            "serial": self.serial,
+            "console": self.console,
+            "ports": self.ports,
+            "rng": self.rng,
+            "pmem": self.pmem.iter().map(|(_, p)| p).collect::<Vec<_>>(),
+        });
+        if let Some(boot) = &self.boot {
+            value["boot"] = serde_json::json!(boot);
+        }
+        value
+    }
+}
