@@ -105,6 +105,16 @@ pub struct Cli {
     #[arg(long, value_name = "FILE", conflicts_with_all = VM_FLAGS)]
     pub config: Option<PathBuf>,
 
+    /// Serve the REST API (HTTP/1.1) on this unix socket. Without --kernel or --config, chapeau
+    /// starts with no VM and waits for the API to configure and start one. A stale socket file
+    /// is replaced; one that something listens on is an error.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+
+    /// This VM's id, as `GET /` reports it.
+    #[arg(long, value_name = "ID", default_value = "chapeau")]
+    pub id: String,
+
     /// How much chapeau logs to stderr.
     #[arg(long, value_enum, value_name = "LEVEL", default_value_t = LogLevel::Warn)]
     pub log_level: LogLevel,
@@ -126,6 +136,15 @@ const FLAG_NAMES: SettingNames = SettingNames {
 };
 
 impl Cli {
+    /// The VM to boot at start: `None` when only the API is to configure it (--api-sock
+    /// without --kernel or --config).
+    pub fn boot_config(&self) -> Result<Option<VmConfig>, ConfigError> {
+        if self.api_sock.is_some() && self.config.is_none() && self.kernel.is_none() {
+            return Ok(None);
+        }
+        self.vm_config().map(Some)
+    }
+
     /// The validated VM configuration, from `--config` or from the flags.
     pub fn vm_config(&self) -> Result<VmConfig, ConfigError> {
         if let Some(path) = &self.config {

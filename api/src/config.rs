@@ -454,7 +454,9 @@ pub enum ConfigError {
         #[source]
         source: Box<ConfigError>,
     },
-    #[error("no guest kernel given: pass --kernel PATH or --config FILE")]
+    #[error(
+        "no guest kernel given: pass --kernel PATH or --config FILE (or --api-sock PATH to configure it over the API)"
+    )]
     MissingKernel,
     /// A `--serial` value that is not `stdout`, `off` or `file=PATH`. Only the reason: clap
     /// already quotes the flag and the value around it.

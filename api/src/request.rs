@@ -86,8 +86,8 @@ pub struct InstanceInfo {
     pub app_name: String,
 }
 
-/// One request to the VMM. Pre-boot resources (`Put*` but logger and metrics) are refused
-/// once the VM has started.
+/// One request to the VMM. Every `Put*` configures the VM before it starts and is refused
+/// (409) once it has: the VMM opens no new host files after start, its seccomp filter forbids it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum VmmRequest {
     GetInfo,
@@ -126,6 +126,8 @@ impl VmmRequest {
                 | VmmRequest::PutPort { .. }
                 | VmmRequest::PutSerial(_)
                 | VmmRequest::PutRng(_)
+                | VmmRequest::PutLogger(_)
+                | VmmRequest::PutMetrics(_)
         )
     }
 }
@@ -194,14 +196,8 @@ impl PendingConfig {
         }
     }
 
-    /// The configuration to boot, validated; a 400 that names what is missing or wrong.
-    pub fn to_config(&self) -> Result<VmConfig, RequestError> {
-        let boot = self.boot.clone().ok_or_else(|| {
-            RequestError::BadRequest(
-                "no boot source: PUT /boot-source with a kernel before InstanceStart".into(),
-            )
-        })?;
-        let config = VmConfig {
+    fn with_boot(&self, boot: BootConfig) -> VmConfig {
+        VmConfig {
             machine: self.machine.clone(),
             boot,
             serial: self.serial.clone(),
@@ -209,11 +205,35 @@ impl PendingConfig {
             ports: self.ports.clone(),
             rng: self.rng.clone(),
             pmem: self.pmem.iter().map(|(_, p)| p.clone()).collect(),
-        };
+        }
+    }
+
+    /// The configuration to boot, validated; a 400 that names what is missing or wrong.
+    pub fn to_config(&self) -> Result<VmConfig, RequestError> {
+        let boot = self.boot.clone().ok_or_else(|| {
+            RequestError::BadRequest(
+                "no boot source: PUT /boot-source with a kernel before InstanceStart".into(),
+            )
+        })?;
+        let config = self.with_boot(boot);
         config
             .validate()
             .map_err(|e| RequestError::BadRequest(e.to_string()))?;
         Ok(config)
+    }
+
+    /// Checks what is configured so far, as [`PendingConfig::to_config`] will, except that the
+    /// boot source may still be missing: each `PUT` is refused when it makes the whole invalid.
+    pub fn validate(&self) -> Result<(), RequestError> {
+        let boot = self.boot.clone().unwrap_or_else(|| BootConfig {
+            kernel: "(not set yet)".into(),
+            initrd: None,
+            cmdline: crate::config::DEFAULT_CMDLINE.into(),
+            pvm_params: Default::default(),
+        });
+        self.with_boot(boot)
+            .validate()
+            .map_err(|e| RequestError::BadRequest(e.to_string()))
     }
 
     /// The configuration as JSON, as `GET /vm/config` shows it (boot absent until set).

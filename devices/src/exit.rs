@@ -11,20 +11,28 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 pub enum ExitReason {
     /// ACPI S5 from the guest.
     Poweroff = 1,
-    /// i8042 CPU reset, ACPI reset register, or a triple fault: we do not reboot, we exit
-    /// (Kata restarts a sandbox from scratch).
+    /// The guest asked for a reset (i8042 CPU reset, ACPI reset register): we do not reboot,
+    /// we exit (Kata restarts a sandbox from scratch).
     Reset = 2,
     /// The host asked (signal, API).
     Stopped = 3,
     /// KVM could not run the guest any more.
     Crashed = 4,
+    /// A triple fault: the guest's CPU reset itself because it could not go on.
+    TripleFault = 5,
 }
 
 impl ExitReason {
     fn from_u8(value: u8) -> Option<Self> {
-        [Self::Poweroff, Self::Reset, Self::Stopped, Self::Crashed]
-            .into_iter()
-            .find(|reason| *reason as u8 == value)
+        [
+            Self::Poweroff,
+            Self::Reset,
+            Self::Stopped,
+            Self::Crashed,
+            Self::TripleFault,
+        ]
+        .into_iter()
+        .find(|reason| *reason as u8 == value)
     }
 }
 

@@ -117,15 +117,16 @@ fn two_vcpus_every_thread_filtered_and_sigterm_stops_cleanly() {
 }
 
 #[test]
-fn guest_reboot_exits_zero_with_serial_to_a_file() {
+fn guest_reboot_exits_3_with_serial_to_a_file() {
     let log = scratch_dir().join("reboot-serial.log");
     let mut args = boot_args("vmlinux", 1, 128, "reboot");
     args.extend(["--serial".into(), format!("file={}", log.display())]);
     let mut vm = Vm::start(&args);
     let status = vm.wait_exit(boot_timeout());
-    assert!(
-        status.success(),
-        "reboot must exit 0: {status:?}\n{}",
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "a guest reset must exit 3: {status:?}\n{}",
         vm.stderr()
     );
     let serial = std::fs::read_to_string(&log).unwrap();
@@ -140,7 +141,7 @@ fn guest_reboot_exits_zero_with_serial_to_a_file() {
 }
 
 #[test]
-fn guest_panic_exits_zero_from_a_config_file() {
+fn guest_panic_exits_3_from_a_config_file() {
     let config = scratch_dir().join("panic-vm.json");
     let json = format!(
         r#"{{"machine": {{"vcpus": 1, "memory_mib": 128}},
@@ -152,9 +153,10 @@ fn guest_panic_exits_zero_from_a_config_file() {
     let mut vm = Vm::start(&["--config", config.to_str().unwrap()]);
     vm.wait_for("Kernel panic - not syncing", boot_timeout());
     let status = vm.wait_exit(exit_timeout());
-    assert!(
-        status.success(),
-        "panic=1 reboot=k must exit 0: {status:?}\n{}",
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "panic=1 reboot=k resets the guest: exit 3: {status:?}\n{}",
         vm.stderr()
     );
 }

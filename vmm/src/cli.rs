@@ -1,15 +1,37 @@
-//! The `chapeau` command: parse, configure logging, run the VM, turn the outcome into an exit
-//! status and one line on stderr.
+//! The `chapeau` command: parse, configure logging, run the VM through the runtime, turn the
+//! outcome into an exit status and one line on stderr.
 
 use std::process::ExitCode;
 
+use api::{ActionType, PendingConfig, VmmRequest};
 use clap::Parser;
 use devices::ExitReason;
 
-/// Exit status for a configuration the user must fix.
-const EXIT_BAD_CONFIG: u8 = 2;
-/// Exit status when the VM could not be built or the guest crashed.
-const EXIT_FAILURE: u8 = 1;
+use crate::vmm::Vmm;
+
+/// Exit statuses; the README documents them.
+pub mod status {
+    /// The guest powered off, or the VM was stopped on request (signal, `Shutdown`).
+    pub const OK: u8 = 0;
+    /// The VM could not be built or started, or the guest crashed (KVM could not run it).
+    pub const FAILURE: u8 = 1;
+    /// A configuration the user must fix.
+    pub const BAD_CONFIG: u8 = 2;
+    /// The guest asked for a reset (reboot, `panic=N` after a panic, i8042 or ACPI reset).
+    pub const GUEST_RESET: u8 = 3;
+    /// The guest triple-faulted.
+    pub const TRIPLE_FAULT: u8 = 4;
+}
+
+/// The exit status for how the VM ended.
+pub fn exit_status(reason: ExitReason) -> u8 {
+    match reason {
+        ExitReason::Poweroff | ExitReason::Stopped => status::OK,
+        ExitReason::Reset => status::GUEST_RESET,
+        ExitReason::TripleFault => status::TRIPLE_FAULT,
+        ExitReason::Crashed => status::FAILURE,
+    }
+}
 
 pub fn main() -> ExitCode {
     let cli = api::Cli::parse();
@@ -19,22 +41,44 @@ pub fn main() -> ExitCode {
             .parse()
             .unwrap_or(log::LevelFilter::Warn),
     );
-    let config = match cli.vm_config() {
+    let config = match cli.boot_config() {
         Ok(config) => config,
         Err(e) => {
             eprintln!("chapeau: {e}");
-            return ExitCode::from(EXIT_BAD_CONFIG);
+            return ExitCode::from(status::BAD_CONFIG);
         }
     };
-    match crate::run_vm(&config) {
-        Ok(ExitReason::Crashed) => {
-            eprintln!("chapeau: the guest crashed");
-            ExitCode::from(EXIT_FAILURE)
-        }
-        Ok(_) => ExitCode::SUCCESS,
+    let pending = config.map(PendingConfig::from_config);
+    let boot_now = pending.is_some();
+    let mut vmm = match Vmm::new(cli.id.clone(), pending.unwrap_or_default()) {
+        Ok(vmm) => vmm,
         Err(e) => {
             eprintln!("chapeau: {e}");
-            ExitCode::from(EXIT_FAILURE)
+            return ExitCode::from(status::FAILURE);
+        }
+    };
+    let api = match &cli.api_sock {
+        Some(path) => match crate::api_server::start(path, &mut vmm) {
+            Ok(server) => Some(server),
+            Err(e) => {
+                eprintln!("chapeau: {e}");
+                return ExitCode::from(status::FAILURE);
+            }
+        },
+        None => None,
+    };
+    if boot_now {
+        if let Err(e) = vmm.handle(VmmRequest::Action(ActionType::InstanceStart)) {
+            eprintln!("chapeau: {e}");
+            return ExitCode::from(status::FAILURE);
         }
     }
+    let reason = vmm.run();
+    drop(api);
+    match reason {
+        ExitReason::Crashed => eprintln!("chapeau: the guest crashed"),
+        ExitReason::TripleFault => eprintln!("chapeau: the guest triple-faulted"),
+        _ => {}
+    }
+    ExitCode::from(exit_status(reason))
 }

@@ -1,12 +1,17 @@
-//! The `vmm` thread's event loop: console input, termination signals and the VM-exit event.
+//! The `vmm` thread's event sources. Two sets: the *control* sources (termination signals, the
+//! VM-exit event, API requests, the metrics timer), which the runtime serves itself, and the
+//! *device* sources (virtio queues and backends, console input), which an event-manager runs.
+//! While the VM runs, the device loop also watches the control fds (without consuming them) so
+//! one wait covers both; while it is paused, only the control fds are waited on, so no device
+//! touches guest memory.
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use devices::legacy::Serial;
-use devices::{ExitNotifier, ExitReason};
-use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +67,6 @@ impl MutEventSubscriber for ConsoleInput {
 /// SIGTERM and SIGINT, received through a signalfd so they are ordinary events here.
 pub struct TerminationSignals {
     fd: OwnedFd,
-    exit: Arc<ExitNotifier>,
 }
 
 fn termination_set() -> libc::sigset_t {
@@ -78,8 +82,8 @@ fn termination_set() -> libc::sigset_t {
 
 impl TerminationSignals {
     /// Blocks SIGTERM/SIGINT for the calling thread and every thread it starts afterwards, and
-    /// opens a signalfd for them. Call before starting the vCPU threads.
-    pub fn new(exit: Arc<ExitNotifier>) -> Result<Self, EventLoopError> {
+    /// opens a signalfd for them. Call before starting any other thread.
+    pub fn new() -> Result<Self, EventLoopError> {
         let set = termination_set();
         // SAFETY: pthread_sigmask reads a valid sigset_t; signalfd returns a new fd or -1.
         let fd = unsafe {
@@ -96,83 +100,60 @@ impl TerminationSignals {
         }
         // SAFETY: fd is a new descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Self { fd, exit })
+        Ok(Self { fd })
     }
-}
 
-impl MutEventSubscriber for TerminationSignals {
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+    /// The signal received, if any (non-blocking).
+    pub fn take(&self) -> Option<u32> {
         let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
         let mut file = std::mem::ManuallyDrop::new(
             // SAFETY: a non-owning File view of our signalfd; ManuallyDrop keeps it from closing.
             unsafe { std::fs::File::from_raw_fd(self.fd.as_raw_fd()) },
         );
-        if let Ok(n) = file.read(&mut info) {
-            if n == info.len() {
-                let signo = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]);
-                log::info!("received signal {signo}, stopping the VM");
-                self.exit.notify(ExitReason::Stopped);
+        match file.read(&mut info) {
+            Ok(n) if n == info.len() => {
+                Some(u32::from_ne_bytes([info[0], info[1], info[2], info[3]]))
             }
-        }
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.fd, EventSet::IN)) {
-            log::error!("cannot watch termination signals: {e:?}");
+            _ => None,
         }
     }
 }
 
-/// Wakes the loop when a vCPU or device asks the VM to end.
-struct ExitWatch {
-    exit: Arc<ExitNotifier>,
+impl AsRawFd for TerminationSignals {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
 }
 
-impl MutEventSubscriber for ExitWatch {
+/// In the device loop: notes that a control fd is ready, without consuming it, so the runtime
+/// serves the control sources after the device loop returns.
+pub struct ControlWake {
+    fds: Vec<RawFd>,
+    pending: Arc<AtomicBool>,
+}
+
+impl ControlWake {
+    /// `fds` must stay open as long as the device loop runs (the runtime owns both).
+    pub fn new(fds: Vec<RawFd>, pending: Arc<AtomicBool>) -> Self {
+        Self { fds, pending }
+    }
+}
+
+impl MutEventSubscriber for ControlWake {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.exit.event().read();
+        self.pending.store(true, Ordering::Release);
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(self.exit.event(), EventSet::IN)) {
-            log::error!("cannot watch the VM exit event: {e:?}");
+        for fd in &self.fds {
+            if let Err(e) = ops.add(Events::new_raw(*fd, EventSet::IN)) {
+                log::error!("cannot watch control fd {fd}: {e:?}");
+            }
         }
     }
 }
 
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
-
-pub struct EventLoop {
-    manager: EventManager<Subscriber>,
-    exit: Arc<ExitNotifier>,
-}
-
-impl EventLoop {
-    pub fn new(exit: Arc<ExitNotifier>) -> Result<Self, EventLoopError> {
-        let mut manager: EventManager<Subscriber> =
-            EventManager::new().map_err(EventLoopError::Manager)?;
-        manager.add_subscriber(Arc::new(Mutex::new(ExitWatch { exit: exit.clone() })));
-        Ok(Self { manager, exit })
-    }
-
-    pub fn add(&mut self, subscriber: Subscriber) {
-        self.manager.add_subscriber(subscriber);
-    }
-
-    /// Runs until something asks the VM to end; returns why.
-    pub fn run(&mut self) -> Result<ExitReason, EventLoopError> {
-        loop {
-            if let Some(reason) = self.exit.reason() {
-                return Ok(reason);
-            }
-            match self.manager.run() {
-                Ok(_) => {}
-                Err(event_manager::Error::Epoll(e)) if e.errno() == libc::EINTR => {}
-                Err(e) => return Err(EventLoopError::Manager(e)),
-            }
-        }
-    }
-}
 
 /// Whether `fd` is an open descriptor (CI may start us with stdin closed).
 pub fn fd_is_open(fd: RawFd) -> bool {

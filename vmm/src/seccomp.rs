@@ -8,6 +8,7 @@ use seccompiler::{sock_filter, BpfProgram};
 
 pub const VMM_THREAD: &str = "vmm";
 pub const VCPU_THREAD: &str = "vcpu";
+pub const API_THREAD: &str = "api";
 
 static COMPILED: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/seccomp_filters.bin"));
 
@@ -120,6 +121,43 @@ mod tests {
         // SAFETY: waits for the child we forked; status is a valid out pointer.
         unsafe { libc::waitpid(pid, &mut status, 0) };
         status
+    }
+
+    /// A thread that installs `name` and returns, joined by an unfiltered main thread: what
+    /// every vCPU does when the VM ends. Returns the child's wait status.
+    fn thread_ends_under(name: &'static str) -> i32 {
+        let filters = SeccompFilters::builtin().unwrap();
+        let program = filters.get(name).unwrap().clone();
+        // SAFETY: the child only spawns and joins one thread, then exits without returning
+        // into the test harness.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let thread = std::thread::spawn(move || {
+                if seccompiler::apply_filter(&program).is_err() {
+                    // SAFETY: _exit is always safe to call.
+                    unsafe { libc::_exit(100) };
+                }
+                // Some heap churn, as a thread's last work does.
+                drop(vec![0u8; 1 << 16]);
+            });
+            let code = if thread.join().is_ok() { 0 } else { 101 };
+            // SAFETY: as above.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child we forked; status is a valid out pointer.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        status
+    }
+
+    #[test]
+    fn vcpu_threads_may_end_under_their_filter() {
+        let status = thread_ends_under(VCPU_THREAD);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "{status:#x}"
+        );
     }
 
     #[test]
