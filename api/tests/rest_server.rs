@@ -468,7 +468,7 @@ fn malformed_http_is_400_and_the_connection_closes() {
     let server = TestServer::start("http");
     for garbage in [
         &b"HELLO\r\n\r\n"[..],
-        b"BREW / HTTP/1.1\r\n\r\n",
+        b"TRACE / HTTP/1.1\r\n\r\n",
         b"GET / HTTP/9.9\r\n\r\n",
         b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n",
         b"GET / HTTP/1.1\r\nbad header\r\n\r\n",

@@ -75,6 +75,10 @@ impl From<dbs_uhttp::RequestError> for HttpError {
             dbs_uhttp::RequestError::SizeLimitExceeded(limit, size) => {
                 HttpError::PayloadTooLarge { size, limit }
             }
+            dbs_uhttp::RequestError::InvalidHttpMethod(_) => HttpError::BadRequest(
+                "malformed HTTP request: unsupported method (the API uses GET, PUT and PATCH)"
+                    .into(),
+            ),
             other => HttpError::BadRequest(format!("malformed HTTP request: {other}")),
         }
     }

@@ -78,7 +78,15 @@ impl FakeVmm {
                 self.pending.rng = Some(rng);
                 Ok(VmmResponse::Empty)
             }
-            VmmRequest::PutLogger(_) | VmmRequest::PutMetrics(_) => Ok(VmmResponse::Empty),
+            VmmRequest::PutLogger(logger) => match logger.level.as_deref() {
+                None | Some("error" | "warn" | "info" | "debug" | "trace") => {
+                    Ok(VmmResponse::Empty)
+                }
+                Some(level) => Err(RequestError::BadRequest(format!(
+                    "invalid logger level {level:?}: expected error, warn, info, debug or trace"
+                ))),
+            },
+            VmmRequest::PutMetrics(_) => Ok(VmmResponse::Empty),
             VmmRequest::Action(action) => self.action(action),
             VmmRequest::SetState(requested) => self.set_state(requested),
         }
