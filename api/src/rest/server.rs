@@ -3,7 +3,7 @@
 //! and output buffer, so a slow or half-open client stalls neither the loop nor other clients.
 
 use std::cell::Cell;
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -62,7 +62,7 @@ where
             )
             .map_err(|source| ServerError::EpollAdd { what, source })?;
     }
-    let mut clients: HashMap<RawFd, Client> = HashMap::new();
+    let mut clients: BTreeMap<RawFd, Client> = BTreeMap::new();
     let mut events = [EpollEvent::default(); MAX_EVENTS];
     loop {
         let count = match epoll.wait(-1, &mut events) {
@@ -100,7 +100,7 @@ where
     }
 }
 
-fn accept(listener: &UnixListener, epoll: &Epoll, clients: &mut HashMap<RawFd, Client>) {
+fn accept(listener: &UnixListener, epoll: &Epoll, clients: &mut BTreeMap<RawFd, Client>) {
     // An accept failure (the client gave up, EMFILE) costs that client only.
     let Ok((stream, _)) = listener.accept() else {
         return;
