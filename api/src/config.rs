@@ -679,26 +679,7 @@ impl VmConfig {
         for (i, port) in self.ports.iter().enumerate() {
             let name = &port.name;
             let shown = format!("name={name:?}");
-            if name.is_empty() {
-                return invalid(names.port, shown, "the port name is empty".into());
-            }
-            if name.len() > MAX_PORT_NAME_LEN {
-                return invalid(
-                    names.port,
-                    format!("({} bytes)", name.len()),
-                    format!("a port name is at most {MAX_PORT_NAME_LEN} bytes"),
-                );
-            }
-            if let Some(c) = name
-                .chars()
-                .find(|&c| c == '\0' || c == '/' || c.is_whitespace())
-            {
-                return invalid(
-                    names.port,
-                    shown,
-                    format!("a port name cannot contain {c:?} (it names /dev/virtio-ports/<name>)"),
-                );
-            }
+            check_port_name(names.port, name)?;
             if self.ports[..i].iter().any(|p| p.name == *name) {
                 return invalid(names.port, shown, "two ports have this name".into());
             }
@@ -723,6 +704,37 @@ impl VmConfig {
         }
         Ok(())
     }
+}
+
+/// A port name must be usable as `/dev/virtio-ports/<name>` in the guest. `setting` names it in
+/// the error (`ports`, `--port`, `port`).
+pub fn check_port_name(setting: &'static str, name: &str) -> Result<(), ConfigError> {
+    let invalid = |value: String, reason: String| {
+        Err(ConfigError::Invalid {
+            setting,
+            value,
+            reason,
+        })
+    };
+    if name.is_empty() {
+        return invalid(format!("name={name:?}"), "the port name is empty".into());
+    }
+    if name.len() > MAX_PORT_NAME_LEN {
+        return invalid(
+            format!("({} bytes)", name.len()),
+            format!("a port name is at most {MAX_PORT_NAME_LEN} bytes"),
+        );
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|&c| c == '\0' || c == '/' || c.is_whitespace())
+    {
+        return invalid(
+            format!("name={name:?}"),
+            format!("a port name cannot contain {c:?} (it names /dev/virtio-ports/<name>)"),
+        );
+    }
+    Ok(())
 }
 
 /// A unix socket path must fit `sun_path` and cannot hold a NUL.

@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod config;
 pub mod request;
+pub mod rest;
 
 pub use cli::{Cli, LogLevel};
 pub use config::{

@@ -1,0 +1,147 @@
+//! From method, path and body to a [`VmmRequest`]. Each endpoint is one arm of the match in
+//! [`parse_request`]; a new one (`PUT /network-interfaces/{id}`, `PUT /fs/{tag}`) is one more.
+
+use std::path::PathBuf;
+
+use dbs_uhttp::Method::{self, Get, Patch, Put};
+use percent_encoding::percent_decode_str;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use super::HttpError;
+use crate::config::check_port_name;
+use crate::request::{Action, VmStateChange, VmmRequest};
+
+/// Longest pmem id in `PUT /pmem/{id}`.
+pub const MAX_PMEM_ID_LEN: usize = 64;
+
+/// `PUT /ports/{name}`: the name is in the path.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PortSocket {
+    socket: PathBuf,
+}
+
+/// Routes one request. `path` is the request target as sent (percent-encoded); `body` is
+/// ignored by endpoints that take none.
+pub fn parse_request(
+    method: Method,
+    path: &str,
+    body: Option<&[u8]>,
+) -> Result<VmmRequest, HttpError> {
+    let segments = decode_segments(path)?;
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let body = Body { path, bytes: body };
+    let only = |allowed: &'static [Method]| {
+        if allowed.contains(&method) {
+            Ok(())
+        } else {
+            Err(HttpError::MethodNotAllowed {
+                method,
+                path: path.to_string(),
+                allowed,
+            })
+        }
+    };
+    match segments.as_slice() {
+        [] => only(&[Get]).map(|()| VmmRequest::GetInfo),
+        ["vm", "config"] => only(&[Get]).map(|()| VmmRequest::GetConfig),
+        ["metrics"] => {
+            only(&[Get, Put])?;
+            if method == Get {
+                Ok(VmmRequest::GetMetrics)
+            } else {
+                body.json().map(VmmRequest::PutMetrics)
+            }
+        }
+        ["machine-config"] => only(&[Put]).and_then(|()| body.json().map(VmmRequest::PutMachine)),
+        ["boot-source"] => only(&[Put]).and_then(|()| body.json().map(VmmRequest::PutBoot)),
+        ["pmem", id] => {
+            only(&[Put])?;
+            check_pmem_id(id)?;
+            let config = body.json()?;
+            Ok(VmmRequest::PutPmem {
+                id: id.to_string(),
+                config,
+            })
+        }
+        ["console"] => only(&[Put]).and_then(|()| body.json().map(VmmRequest::PutConsole)),
+        ["ports", name] => {
+            only(&[Put])?;
+            check_port_name("port", name).map_err(|e| HttpError::BadRequest(e.to_string()))?;
+            let PortSocket { socket } = body.json()?;
+            Ok(VmmRequest::PutPort {
+                name: name.to_string(),
+                socket,
+            })
+        }
+        ["serial"] => only(&[Put]).and_then(|()| body.json().map(VmmRequest::PutSerial)),
+        ["rng"] => only(&[Put]).and_then(|()| body.json().map(VmmRequest::PutRng)),
+        ["logger"] => only(&[Put]).and_then(|()| body.json().map(VmmRequest::PutLogger)),
+        ["actions"] => {
+            only(&[Put])?;
+            body.json()
+                .map(|a: Action| VmmRequest::Action(a.action_type))
+        }
+        ["vm"] => {
+            only(&[Patch])?;
+            body.json()
+                .map(|c: VmStateChange| VmmRequest::SetState(c.state))
+        }
+        _ => Err(HttpError::NotFound(format!("no such endpoint: {path:?}"))),
+    }
+}
+
+/// The path's segments, percent-decoded: `/` is none, `/pmem/a%20b` is `["pmem", "a b"]`.
+fn decode_segments(path: &str) -> Result<Vec<String>, HttpError> {
+    let Some(rest) = path.strip_prefix('/') else {
+        return Err(HttpError::NotFound(format!(
+            "no such endpoint: {path:?} (paths start with '/')"
+        )));
+    };
+    if rest.is_empty() {
+        return Ok(Vec::new());
+    }
+    rest.split('/')
+        .map(|segment| {
+            percent_decode_str(segment)
+                .decode_utf8()
+                .map(|s| s.into_owned())
+                .map_err(|_| {
+                    HttpError::BadRequest(format!(
+                        "path {path:?} is not UTF-8 once percent-decoded"
+                    ))
+                })
+        })
+        .collect()
+}
+
+/// A pmem id names the image in later requests: 1 to 64 of `A-Z a-z 0-9 _ - .`.
+fn check_pmem_id(id: &str) -> Result<(), HttpError> {
+    let fine = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+    if id.is_empty() || id.len() > MAX_PMEM_ID_LEN || !id.chars().all(fine) {
+        return Err(HttpError::BadRequest(format!(
+            "invalid pmem id {id:?}: 1 to {MAX_PMEM_ID_LEN} letters, digits, '_', '-' or '.'"
+        )));
+    }
+    Ok(())
+}
+
+/// A request body, read as the JSON an endpoint expects.
+struct Body<'a> {
+    path: &'a str,
+    bytes: Option<&'a [u8]>,
+}
+
+impl Body<'_> {
+    fn json<T: DeserializeOwned>(&self) -> Result<T, HttpError> {
+        let path = self.path;
+        match self.bytes {
+            None | Some([]) => Err(HttpError::BadRequest(format!(
+                "{path} needs a JSON body (Content-Length and the JSON document)"
+            ))),
+            Some(bytes) => serde_json::from_slice(bytes)
+                .map_err(|e| HttpError::BadRequest(format!("invalid body for {path}: {e}"))),
+        }
+    }
+}

@@ -1,0 +1,348 @@
+//! The connection loop of the `api` thread: one epoll over the listening socket, the stop
+//! eventfd and every client. Sockets are non-blocking and each client has its own parser state
+//! and output buffer, so a slow or half-open client stalls neither the loop nor other clients.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::rc::Rc;
+
+use dbs_uhttp::{ConnectionError, HttpConnection, Request, ScmSocket, SysError, Version};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{encode_response, parse_request, HttpError, MAX_BODY_BYTES};
+use crate::request::{RequestError, VmmRequest, VmmResponse};
+
+/// Clients connected at once; one more is answered 503 and closed.
+pub const MAX_CONNECTIONS: usize = 32;
+/// Request line and headers of one request, all together (a client cannot grow our memory by
+/// sending headers forever).
+const MAX_HEAD_BYTES: usize = 8 * 1024;
+const MAX_EVENTS: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("API server: cannot create its epoll: {0}")]
+    EpollCreate(#[source] io::Error),
+    #[error("API server: cannot watch the {what}: {source}")]
+    EpollAdd {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("API server: epoll_wait failed: {0}")]
+    EpollWait(#[source] io::Error),
+    #[error("API server: cannot make the listening socket non-blocking: {0}")]
+    NonBlocking(#[source] io::Error),
+}
+
+/// Serves the REST API on `listener` until `stop` is written: every request is parsed and
+/// passed to `handler`, whose answer goes back to the client. Returns when `stop` becomes
+/// readable (clients are then disconnected), or on an epoll failure.
+pub fn serve<H>(listener: UnixListener, stop: EventFd, mut handler: H) -> Result<(), ServerError>
+where
+    H: FnMut(VmmRequest) -> Result<VmmResponse, RequestError>,
+{
+    listener
+        .set_nonblocking(true)
+        .map_err(ServerError::NonBlocking)?;
+    let epoll = Epoll::new().map_err(ServerError::EpollCreate)?;
+    for (what, fd) in [
+        ("listening socket", listener.as_raw_fd()),
+        ("stop eventfd", stop.as_raw_fd()),
+    ] {
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, fd as u64),
+            )
+            .map_err(|source| ServerError::EpollAdd { what, source })?;
+    }
+    let mut clients: BTreeMap<RawFd, Client> = BTreeMap::new();
+    let mut events = [EpollEvent::default(); MAX_EVENTS];
+    loop {
+        let count = match epoll.wait(-1, &mut events) {
+            Ok(count) => count,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(ServerError::EpollWait(e)),
+        };
+        for event in &events[..count] {
+            let fd = event.data() as RawFd;
+            if fd == stop.as_raw_fd() {
+                return Ok(());
+            }
+            if fd == listener.as_raw_fd() {
+                accept(&listener, &epoll, &mut clients);
+                continue;
+            }
+            let Some(client) = clients.get_mut(&fd) else {
+                continue;
+            };
+            let before = client.interest();
+            client.on_event(event.event_set(), &mut handler);
+            let after = client.interest();
+            let rearmed = match after {
+                Interest::Close => false,
+                _ if after == before => true,
+                _ => epoll
+                    .ctl(ControlOperation::Modify, fd, after.event(fd))
+                    .is_ok(),
+            };
+            if !rearmed {
+                // Dropping the client closes its socket, which also leaves the epoll.
+                clients.remove(&fd);
+            }
+        }
+    }
+}
+
+fn accept(listener: &UnixListener, epoll: &Epoll, clients: &mut BTreeMap<RawFd, Client>) {
+    // An accept failure (the client gave up, EMFILE) costs that client only.
+    let Ok((stream, _)) = listener.accept() else {
+        return;
+    };
+    if stream.set_nonblocking(true).is_err() {
+        return;
+    }
+    let fd = stream.as_raw_fd();
+    if clients.len() >= MAX_CONNECTIONS {
+        let answer = encode_response(
+            Version::Http11,
+            Err(HttpError::TooManyConnections(MAX_CONNECTIONS)),
+        );
+        // Best effort: the client is dropped either way.
+        let _ = send(fd, &answer);
+        return;
+    }
+    let client = Client::new(stream);
+    if epoll
+        .ctl(ControlOperation::Add, fd, Interest::Read.event(fd))
+        .is_ok()
+    {
+        clients.insert(fd, client);
+    }
+}
+
+/// What a client waits for next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Interest {
+    Read,
+    Write,
+    Close,
+}
+
+impl Interest {
+    fn event(self, fd: RawFd) -> EpollEvent {
+        let set = match self {
+            Interest::Read => EventSet::IN,
+            Interest::Write | Interest::Close => EventSet::OUT,
+        };
+        EpollEvent::new(set, fd as u64)
+    }
+}
+
+struct Client {
+    /// dbs-uhttp's parser state for this client; only its read side is used.
+    connection: HttpConnection<ApiStream>,
+    /// Bytes received since the last complete request (shared with the stream).
+    received: Rc<Cell<usize>>,
+    /// Encoded responses not yet sent, from `sent` on.
+    output: Vec<u8>,
+    sent: usize,
+    /// Close once `output` is sent: the stream can no longer be parsed, or the peer is gone.
+    closing: bool,
+    /// Close now: the socket failed.
+    broken: bool,
+}
+
+impl Client {
+    fn new(stream: UnixStream) -> Self {
+        let received = Rc::new(Cell::new(0));
+        let mut connection = HttpConnection::new(ApiStream {
+            stream,
+            received: received.clone(),
+        });
+        connection.set_payload_max_size(MAX_BODY_BYTES);
+        Client {
+            connection,
+            received,
+            output: Vec::new(),
+            sent: 0,
+            closing: false,
+            broken: false,
+        }
+    }
+
+    fn interest(&self) -> Interest {
+        if self.broken {
+            Interest::Close
+        } else if self.sent < self.output.len() {
+            Interest::Write
+        } else if self.closing {
+            Interest::Close
+        } else {
+            Interest::Read
+        }
+    }
+
+    fn on_event<H>(&mut self, events: EventSet, handler: &mut H)
+    where
+        H: FnMut(VmmRequest) -> Result<VmmResponse, RequestError>,
+    {
+        if events.contains(EventSet::ERROR) {
+            self.broken = true;
+        } else if self.interest() == Interest::Write {
+            self.flush();
+        } else {
+            // A hang-up is seen here too: the read returns 0 and the client closes.
+            self.receive(handler);
+            self.flush();
+        }
+    }
+
+    /// Reads what the socket has, answers every request completed by it, in order.
+    fn receive<H>(&mut self, handler: &mut H)
+    where
+        H: FnMut(VmmRequest) -> Result<VmmResponse, RequestError>,
+    {
+        let result = self.connection.try_read();
+        while let Some(request) = self.connection.pop_parsed_request() {
+            self.received.set(0);
+            if request.headers.chunked() {
+                self.fail(HttpError::BadRequest(
+                    "chunked request bodies are not supported: send Content-Length".into(),
+                ));
+                return;
+            }
+            let answer = answer(&request, handler);
+            self.output
+                .extend(encode_response(request.http_version(), answer));
+        }
+        // A 100-continue that dbs-uhttp queued: send it now, the body follows.
+        while self.connection.pending_write() && self.connection.try_write().is_ok() {}
+        match result {
+            Ok(()) => {}
+            Err(ConnectionError::ParseError(error)) => self.fail(error.into()),
+            // The peer shut down its side: answer what it sent, then close.
+            Err(ConnectionError::ConnectionClosed) => self.closing = true,
+            Err(ConnectionError::StreamReadError(e))
+                if e.errno() == libc::EAGAIN || e.errno() == libc::EINTR => {}
+            Err(_) => self.broken = true,
+        }
+        if !self.closing && self.received.get() > MAX_BODY_BYTES + MAX_HEAD_BYTES {
+            self.fail(HttpError::BadRequest(format!(
+                "request line and headers are over {MAX_HEAD_BYTES} bytes"
+            )));
+        }
+    }
+
+    /// Answers an unparsable request and closes: what follows it cannot be parsed either.
+    fn fail(&mut self, error: HttpError) {
+        self.output
+            .extend(encode_response(Version::Http11, Err(error)));
+        self.closing = true;
+    }
+
+    /// Sends as much output as the socket takes now.
+    fn flush(&mut self) {
+        while self.sent < self.output.len() {
+            match send(self.connection.as_raw_fd(), &self.output[self.sent..]) {
+                Ok(0) => break,
+                Ok(n) => self.sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    self.broken = true;
+                    return;
+                }
+            }
+        }
+        self.output.clear();
+        self.sent = 0;
+    }
+}
+
+fn answer<H>(request: &Request, handler: &mut H) -> Result<VmmResponse, HttpError>
+where
+    H: FnMut(VmmRequest) -> Result<VmmResponse, RequestError>,
+{
+    let body = request.body.as_ref().map(|body| body.raw());
+    let vmm_request = parse_request(request.method(), request.uri().get_abs_path(), body)?;
+    handler(vmm_request).map_err(HttpError::from)
+}
+
+/// `send` without SIGPIPE when the peer is gone, and without blocking.
+fn send(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
+    // SAFETY: `bytes` is a valid buffer of `bytes.len()` bytes for the duration of the call;
+    // the kernel only reads it.
+    let n = unsafe {
+        libc::send(
+            fd,
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// A client socket as dbs-uhttp reads it: plain reads (file descriptors a client sends along
+/// are never accepted, so it cannot fill our descriptor table), counted.
+struct ApiStream {
+    stream: UnixStream,
+    received: Rc<Cell<usize>>,
+}
+
+impl ScmSocket for ApiStream {
+    fn socket_fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+
+    unsafe fn recv_with_fds(
+        &self,
+        iovecs: &mut [libc::iovec],
+        _fds: &mut [RawFd],
+    ) -> Result<(usize, usize), SysError> {
+        let count = libc::c_int::try_from(iovecs.len()).map_err(|_| SysError::new(libc::EINVAL))?;
+        // SAFETY: the caller guarantees the iovecs point to writable buffers of their length;
+        // readv writes at most that much into them. SCM_RIGHTS data is discarded by the kernel.
+        let n = unsafe { libc::readv(self.stream.as_raw_fd(), iovecs.as_ptr(), count) };
+        if n < 0 {
+            return Err(SysError::last());
+        }
+        let n = n as usize;
+        self.received.set(self.received.get().saturating_add(n));
+        Ok((n, 0))
+    }
+}
+
+impl Read for ApiStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.stream.read(buf)
+    }
+}
+
+/// Only used by dbs-uhttp for a `100 Continue`.
+impl Write for ApiStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        send(self.stream.as_raw_fd(), buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl AsRawFd for ApiStream {
+    fn as_raw_fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+}
