@@ -10,4 +10,5 @@ pub use bus::{Bus, BusDevice, BusError};
 pub use exit::{ExitNotifier, ExitReason};
 pub mod pci;
 pub mod readonly_memory;
+pub mod unix_socket;
 pub mod virtio;

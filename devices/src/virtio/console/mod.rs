@@ -132,20 +132,8 @@ pub struct NamedPort {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsoleError {
-    #[error("cannot listen on unix socket {}: {source}", path.display())]
-    Listen {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("cannot remove the stale socket {}: {source}", path.display())]
-    RemoveStale {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{} exists and is not a socket; not replacing it", path.display())]
-    NotASocket { path: PathBuf },
+    #[error(transparent)]
+    Socket(#[from] crate::unix_socket::SocketError),
     #[error("cannot open console output {}: {source}", path.display())]
     Output {
         path: PathBuf,
@@ -299,8 +287,8 @@ pub struct Console {
 }
 
 impl Console {
-    /// Builds the device and binds every unix socket now (before seccomp), removing a stale
-    /// socket file first. Port 0 is the console; `ports` become ports 1..=N in order.
+    /// Builds the device and binds every unix socket now (before seccomp): a socket someone
+    /// listens on is refused, a stale one replaced. Port 0 is the console; `ports` become ports 1..=N in order.
     pub fn new(console: &ConsoleOutput, ports: &[NamedPort]) -> Result<Console, ConsoleError> {
         if ports.len() > MAX_NAMED_PORTS {
             return Err(ConsoleError::TooManyPorts { count: ports.len() });

@@ -979,6 +979,23 @@ fn construction_errors_name_the_path() {
         "{err}"
     );
 
+    // A socket someone listens on is refused, and keeps its listener.
+    let live = dir.join("live.sock");
+    let theirs = std::os::unix::net::UnixListener::bind(&live).unwrap();
+    let err = Console::new(&ConsoleOutput::Socket(live.clone()), &[])
+        .err()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        err,
+        format!(
+            "{} is a socket another process is listening on; not taking it over",
+            live.display()
+        )
+    );
+    UnixStream::connect(&live).unwrap();
+    theirs.accept().unwrap();
+
     // A stale socket is replaced, and removed when the device goes away.
     let sock = dir.join("stale.sock");
     drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
