@@ -4,6 +4,7 @@ pub mod arch;
 pub mod cli;
 pub mod device_manager;
 pub mod event_loop;
+pub mod host_files;
 pub mod kvm;
 pub mod loader;
 pub mod logger;

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use vmm_sys_util::epoll::EventSet;
 
 use super::ConsoleError;
+use crate::host_files::open_output;
 use crate::unix_socket::{bind_unix_listener, SocketError, SocketFile};
 
 /// A unix socket we listen on, and its client while one is connected.
@@ -52,12 +53,12 @@ impl SocketBackend {
     /// replaced), non-blocking.
     pub fn listen(path: &Path) -> Result<Self, ConsoleError> {
         let (listener, file) = bind_unix_listener(path)?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|source| ConsoleError::Socket(SocketError::Listen {
+        listener.set_nonblocking(true).map_err(|source| {
+            ConsoleError::Socket(SocketError::Listen {
                 path: path.to_path_buf(),
                 source,
-            }))?;
+            })
+        })?;
         Ok(SocketBackend {
             path: path.to_path_buf(),
             listener,
@@ -160,18 +161,9 @@ impl Sink {
         })
     }
 
-    /// Creates or truncates `path`; O_NONBLOCK matters only for FIFOs.
+    /// Creates `path`, or truncates it if it is ours; see [`open_output`].
     pub fn file(path: &Path) -> Result<Self, ConsoleError> {
-        let file = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(path)
-            .map_err(|source| ConsoleError::Output {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        let file = open_output("console output", path)?;
         Ok(Sink {
             file,
             registered: false,

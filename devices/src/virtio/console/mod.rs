@@ -117,7 +117,7 @@ pub enum ConsoleOutput {
     #[default]
     Off,
     Stdout,
-    /// Created or truncated.
+    /// Created, or truncated if it is ours (see [`crate::host_files::open_output`]).
     File(PathBuf),
     /// A unix socket we listen on: output to the client (dropped while none), input from it.
     Socket(PathBuf),
@@ -134,12 +134,8 @@ pub struct NamedPort {
 pub enum ConsoleError {
     #[error(transparent)]
     Socket(#[from] crate::unix_socket::SocketError),
-    #[error("cannot open console output {}: {source}", path.display())]
-    Output {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Output(#[from] crate::host_files::HostFileError),
     #[error("cannot duplicate stdout for the console: {0}")]
     Stdout(#[source] io::Error),
     #[error("cannot create the console's activation eventfd: {0}")]
@@ -1093,11 +1089,13 @@ fn check_port_name(name: &str) -> Result<(), ConsoleError> {
         "empty"
     } else if name.len() > MAX_PORT_NAME_LEN {
         "longer than 127 bytes"
+    } else if name == "." || name == ".." {
+        "\".\" and \"..\" are not file names"
     } else if name
         .chars()
-        .any(|c| c == '\0' || c == '/' || c.is_whitespace())
+        .any(|c| c == '/' || c.is_whitespace() || c.is_control())
     {
-        "contains NUL, '/' or whitespace"
+        "contains '/', whitespace or a control character"
     } else {
         return Ok(());
     };
