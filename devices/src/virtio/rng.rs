@@ -219,6 +219,23 @@ mod tests {
     }
 
     #[test]
+    fn a_directory_is_not_an_entropy_source() {
+        let dir = std::env::temp_dir();
+        let err = Rng::new(&dir)
+            .err()
+            .expect("accepted a directory")
+            .to_string();
+        assert_eq!(
+            err,
+            format!(
+                "entropy source {} is a directory, not a regular file or a character device",
+                dir.display()
+            )
+        );
+        Rng::new(Path::new("/dev/urandom")).unwrap();
+    }
+
+    #[test]
     fn fills_writable_buffers() {
         let mem = memory();
         let mock = MockSplitQueue::new(&mem, 16);
