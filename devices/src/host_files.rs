@@ -239,7 +239,7 @@ mod tests {
     }
 
     fn err(result: Result<File, HostFileError>) -> String {
-        result.err().expect("accepted").to_string()
+        result.expect_err("accepted").to_string()
     }
 
     #[test]
