@@ -342,18 +342,26 @@ mod tests {
         assert!(load_kernel_cmdline(&mem, &"x".repeat(4096)).is_err());
     }
 
+    /// A file of the test guest (`CHAPEAU_GUEST_DIR`, else ../shared/guest), when present.
+    fn shared_guest_file(name: &str) -> Option<std::path::PathBuf> {
+        let dir = std::env::var_os("CHAPEAU_GUEST_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/guest"));
+        let path = dir.join(name);
+        if !path.exists() {
+            eprintln!("skipped: no {}", path.display());
+            return None;
+        }
+        Some(path)
+    }
+
     /// The shared test guest's bzImage, when present: linux-loader's setup-header handling and
     /// our 64-bit entry (protected-mode code at 1 MiB, entry 0x200 into it).
     #[test]
     fn shared_bzimage_loads_with_a_64bit_entry() {
-        let dir = std::env::var_os("CHAPEAU_GUEST_DIR")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/guest"));
-        let path = dir.join("bzImage");
-        if !path.exists() {
-            eprintln!("skipped: no {}", path.display());
+        let Some(path) = shared_guest_file("bzImage") else {
             return;
-        }
+        };
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
         let kernel = load_kernel(&mem, &path).unwrap();
         assert_eq!(kernel.entry, GuestAddress(layout::HIMEM_START + 0x200));
@@ -368,14 +376,9 @@ mod tests {
     /// The shared test guest's vmlinux, when present, passes the ELF checks and loads.
     #[test]
     fn shared_vmlinux_passes_the_elf_checks() {
-        let dir = std::env::var_os("CHAPEAU_GUEST_DIR")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/guest"));
-        let path = dir.join("vmlinux");
-        if !path.exists() {
-            eprintln!("skipped: no {}", path.display());
+        let Some(path) = shared_guest_file("vmlinux") else {
             return;
-        }
+        };
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 256 << 20)]).unwrap();
         let kernel = load_kernel(&mem, &path).unwrap();
         assert!(kernel.setup_header.is_none() && kernel.end.0 > kernel.entry.0);
