@@ -432,6 +432,10 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
+    #[error("config file {} is {found}, not a regular file", path.display())]
+    NotAFile { path: PathBuf, found: &'static str },
+    #[error("config file {} is larger than {MAX_CONFIG_FILE_BYTES} bytes", path.display())]
+    TooLarge { path: PathBuf },
     /// Malformed JSON, a wrong type, an unknown field or variant; serde_json says where.
     #[error("{origin}: {source}")]
     Parse {
@@ -522,10 +526,7 @@ impl VmConfig {
 
     /// Reads, parses and validates a config file; every error names the file.
     pub fn from_file(path: &Path) -> Result<VmConfig, ConfigError> {
-        let json = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let json = read_config_file(path)?;
         let config = parse_json(&path.display().to_string(), &json)?;
         config.validate().map_err(|e| ConfigError::InFile {
             path: path.to_path_buf(),
@@ -725,16 +726,70 @@ pub fn check_port_name(setting: &'static str, name: &str) -> Result<(), ConfigEr
             format!("a port name is at most {MAX_PORT_NAME_LEN} bytes"),
         );
     }
+    if name == "." || name == ".." {
+        return invalid(
+            format!("name={name:?}"),
+            "a port name cannot be \".\" or \"..\" (it names /dev/virtio-ports/<name>)".into(),
+        );
+    }
     if let Some(c) = name
         .chars()
-        .find(|&c| c == '\0' || c == '/' || c.is_whitespace())
+        .find(|&c| c == '/' || c.is_whitespace() || c.is_control())
     {
         return invalid(
             format!("name={name:?}"),
-            format!("a port name cannot contain {c:?} (it names /dev/virtio-ports/<name>)"),
+            format!(
+                "a port name cannot contain {c:?}: no '/', whitespace or control characters \
+                 (it names /dev/virtio-ports/<name>)"
+            ),
         );
     }
     Ok(())
+}
+
+/// A VM config is a few hundred bytes; this bounds what a wrong path (a log, a device) costs.
+pub const MAX_CONFIG_FILE_BYTES: u64 = 1 << 20;
+
+/// Reads a config file: a regular file (opened O_NONBLOCK, so a FIFO cannot hang us, and
+/// checked on the descriptor), at most [`MAX_CONFIG_FILE_BYTES`].
+fn read_config_file(path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let read_error = |source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(read_error)?;
+    let file_type = file.metadata().map_err(read_error)?.file_type();
+    if !file_type.is_file() {
+        let found = if file_type.is_dir() {
+            "a directory"
+        } else if file_type.is_fifo() {
+            "a FIFO"
+        } else if file_type.is_char_device() || file_type.is_block_device() {
+            "a device"
+        } else {
+            "a socket"
+        };
+        return Err(ConfigError::NotAFile {
+            path: path.to_path_buf(),
+            found,
+        });
+    }
+    let mut json = String::new();
+    file.take(MAX_CONFIG_FILE_BYTES + 1)
+        .read_to_string(&mut json)
+        .map_err(read_error)?;
+    if json.len() as u64 > MAX_CONFIG_FILE_BYTES {
+        return Err(ConfigError::TooLarge {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(json)
 }
 
 /// A unix socket path must fit `sun_path` and cannot hold a NUL.
@@ -1237,9 +1292,25 @@ mod tests {
         check(vec![port(&"n".repeat(127), "/a")]).unwrap();
         assert_eq!(
             check(vec![port("a/b", "/a")]).unwrap_err(),
-            "invalid ports name=\"a/b\": a port name cannot contain '/' \
-             (it names /dev/virtio-ports/<name>)"
+            "invalid ports name=\"a/b\": a port name cannot contain '/': no '/', whitespace or \
+             control characters (it names /dev/virtio-ports/<name>)"
         );
+        for dots in [".", ".."] {
+            assert_eq!(
+                check(vec![port(dots, "/a")]).unwrap_err(),
+                format!(
+                    "invalid ports name={dots:?}: a port name cannot be \".\" or \"..\" \
+                     (it names /dev/virtio-ports/<name>)"
+                )
+            );
+        }
+        check(vec![port("...", "/a")]).unwrap();
+        assert!(check(vec![port("a\u{1b}[2Jb", "/a")])
+            .unwrap_err()
+            .contains("cannot contain '\\u{1b}'"));
+        assert!(check(vec![port("a\u{7f}", "/a")])
+            .unwrap_err()
+            .contains("cannot contain '\\u{7f}'"));
         assert!(check(vec![port("a b", "/a")])
             .unwrap_err()
             .contains("cannot contain ' '"));
@@ -1315,6 +1386,41 @@ mod tests {
                 invalid.display()
             )
         );
+
+        // Neither a FIFO (open(2) would wait for a writer forever) nor a device.
+        let fifo = dir.join("fifo.json");
+        let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: `c_path` is a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        assert_eq!(
+            VmConfig::from_file(&fifo).unwrap_err().to_string(),
+            format!(
+                "config file {} is a FIFO, not a regular file",
+                fifo.display()
+            )
+        );
+        assert_eq!(
+            VmConfig::from_file(Path::new("/dev/zero"))
+                .unwrap_err()
+                .to_string(),
+            "config file /dev/zero is a device, not a regular file"
+        );
+        assert_eq!(
+            VmConfig::from_file(&dir).unwrap_err().to_string(),
+            format!(
+                "config file {} is a directory, not a regular file",
+                dir.display()
+            )
+        );
+        let huge = dir.join("huge.json");
+        std::fs::File::create(&huge)
+            .unwrap()
+            .set_len(MAX_CONFIG_FILE_BYTES + 1)
+            .unwrap();
+        assert!(VmConfig::from_file(&huge)
+            .unwrap_err()
+            .to_string()
+            .ends_with("is larger than 1048576 bytes"));
 
         let good = dir.join("good.json");
         std::fs::write(&good, r#"{"boot":{"kernel":"/k"}}"#).unwrap();

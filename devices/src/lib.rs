@@ -4,10 +4,12 @@
 
 pub mod bus;
 pub mod exit;
+pub mod host_files;
 pub mod legacy;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use exit::{ExitNotifier, ExitReason};
 pub mod pci;
 pub mod readonly_memory;
+pub mod unix_socket;
 pub mod virtio;

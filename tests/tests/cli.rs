@@ -158,7 +158,7 @@ fn bad_pmem_images() {
     );
     refused(
         pmem(format!("file={}", dir.display())),
-        "is a directory, not an image file",
+        "is a directory, not a regular file",
     );
     refused(
         pmem(format!("file={}", sized("empty.img", 0))),

@@ -7,6 +7,7 @@ pub mod builder;
 pub mod cli;
 pub mod device_manager;
 pub mod event_loop;
+pub mod host_files;
 pub mod loader;
 pub mod logger;
 pub mod memory;

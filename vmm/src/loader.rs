@@ -10,7 +10,10 @@ use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+mod elf;
+
 use crate::arch::x86_64::layout;
+use crate::host_files::{open_regular, Access, HostFileError};
 
 const ELF_MAGIC: [u8; 4] = *b"\x7fELF";
 const BZIMAGE_HDR_OFFSET: u64 = 0x202;
@@ -25,19 +28,19 @@ const PAGE_SIZE: u64 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("cannot open {what} {path}: {source}")]
-    Open {
+    #[error(transparent)]
+    File(#[from] HostFileError),
+    #[error("cannot read {what} {path}: {source}")]
+    Read {
         what: &'static str,
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot read kernel {path}: {source}")]
-    Read {
+    #[error("kernel {path} {source}")]
+    Elf {
         path: PathBuf,
-        source: std::io::Error,
+        source: elf::ElfError,
     },
-    #[error("kernel {0} is a directory, not a kernel image")]
-    IsADirectory(PathBuf),
     #[error("kernel {0} is neither an ELF vmlinux nor a bzImage")]
     UnknownFormat(PathBuf),
     #[error("kernel {path}: {source}")]
@@ -67,14 +70,6 @@ pub struct LoadedKernel {
     pub setup_header: Option<setup_header>,
 }
 
-fn open(what: &'static str, path: &Path) -> Result<File, LoadError> {
-    File::open(path).map_err(|source| LoadError::Open {
-        what,
-        path: path.into(),
-        source,
-    })
-}
-
 enum KernelFormat {
     Elf,
     BzImage,
@@ -83,6 +78,7 @@ enum KernelFormat {
 /// Reads the 4 bytes at `offset`; `None` when the file is shorter than that.
 fn magic_at(file: &mut File, path: &Path, offset: u64) -> Result<Option<[u8; 4]>, LoadError> {
     let read_error = |source| LoadError::Read {
+        what: "kernel",
         path: path.into(),
         source,
     };
@@ -106,10 +102,7 @@ fn detect_format(file: &mut File, path: &Path) -> Result<KernelFormat, LoadError
 }
 
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, LoadError> {
-    let mut file = open("kernel", path)?;
-    if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
-        return Err(LoadError::IsADirectory(path.into()));
-    }
+    let mut file = open_regular("kernel", path, Access::Read)?;
     let format = detect_format(&mut file, path)?;
     let loader_error = |source| LoadError::Loader {
         path: path.into(),
@@ -118,6 +111,19 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, L
     let himem = Some(GuestAddress(layout::HIMEM_START));
     match format {
         KernelFormat::Elf => {
+            let size = file
+                .metadata()
+                .map_err(|source| LoadError::Read {
+                    what: "kernel",
+                    path: path.into(),
+                    source,
+                })?
+                .len();
+            let ram = mem.last_addr().0.saturating_add(1);
+            elf::check(&file, size, ram).map_err(|source| LoadError::Elf {
+                path: path.into(),
+                source,
+            })?;
             let result = Elf::load(mem, None, &mut file, himem).map_err(loader_error)?;
             Ok(LoadedKernel {
                 entry: result.kernel_load,
@@ -160,10 +166,10 @@ pub fn load_initrd(
     path: &Path,
     kernel: &LoadedKernel,
 ) -> Result<(GuestAddress, u64), LoadError> {
-    let mut file = open("initrd", path)?;
+    let mut file = open_regular("initrd", path, Access::Read)?;
     let size = file
         .metadata()
-        .map_err(|source| LoadError::Open {
+        .map_err(|source| LoadError::Read {
             what: "initrd",
             path: path.into(),
             source,
@@ -247,13 +253,81 @@ mod tests {
         }
         assert!(matches!(
             load_kernel(&mem, &dir.join("absent")),
-            Err(LoadError::Open { .. })
+            Err(LoadError::File(HostFileError::Open { .. }))
         ));
-        assert!(matches!(
-            load_kernel(&mem, &dir),
-            Err(LoadError::IsADirectory(_))
-        ));
+        assert_eq!(
+            load_kernel(&mem, &dir).err().unwrap().to_string(),
+            format!(
+                "kernel {} is a directory, not a regular file",
+                dir.display()
+            )
+        );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_huge_note_in_a_sparse_file_fails_fast() {
+        use std::io::Write;
+        let path = std::env::temp_dir().join(format!("chapeau-loader-note-{}", std::process::id()));
+        let mut file = File::create(&path).unwrap();
+        file.write_all(&elf::tests::header(1)).unwrap();
+        file.write_all(&elf::tests::phdr(4, 4096, 0, 1 << 40))
+            .unwrap();
+        file.set_len((1 << 40) + 4096).unwrap();
+        drop(file);
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        // Run it aside: before the check, linux-loader walked the 1 TiB of notes for hours.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let loading = path.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(load_kernel(&mem, &loading).err().map(|e| e.to_string()));
+        });
+        let result = rx.recv_timeout(std::time::Duration::from_secs(10));
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            result.expect("the loader is still reading notes after 10 s"),
+            Some(format!(
+                "kernel {} has a note segment of 1099511627776 bytes (segment 0); \
+                 at most 65536 are read",
+                path.display()
+            ))
+        );
+    }
+
+    #[test]
+    fn an_elf_for_another_machine_is_refused() {
+        let path = std::env::temp_dir().join(format!("chapeau-loader-arm-{}", std::process::id()));
+        let mut bytes = elf::tests::header(0);
+        bytes[18] = 183; // EM_AARCH64
+        std::fs::write(&path, bytes).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let err = load_kernel(&mem, &path).err().unwrap().to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            err,
+            format!(
+                "kernel {} is an ELF for AArch64, not x86_64",
+                path.display()
+            )
+        );
+    }
+
+    #[test]
+    fn an_initrd_must_be_a_regular_file() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let kernel = LoadedKernel {
+            entry: GuestAddress(0x100_0000),
+            end: GuestAddress(0x200_0000),
+            setup_header: None,
+        };
+        let err = load_initrd(&mem, Path::new("/dev/zero"), &kernel)
+            .err()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            err,
+            "initrd /dev/zero is a character device, not a regular file"
+        );
     }
 
     #[test]
@@ -268,18 +342,26 @@ mod tests {
         assert!(load_kernel_cmdline(&mem, &"x".repeat(4096)).is_err());
     }
 
+    /// A file of the test guest (`CHAPEAU_GUEST_DIR`, else ../shared/guest), when present.
+    fn shared_guest_file(name: &str) -> Option<std::path::PathBuf> {
+        let dir = std::env::var_os("CHAPEAU_GUEST_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/guest"));
+        let path = dir.join(name);
+        if !path.exists() {
+            eprintln!("skipped: no {}", path.display());
+            return None;
+        }
+        Some(path)
+    }
+
     /// The shared test guest's bzImage, when present: linux-loader's setup-header handling and
     /// our 64-bit entry (protected-mode code at 1 MiB, entry 0x200 into it).
     #[test]
     fn shared_bzimage_loads_with_a_64bit_entry() {
-        let dir = std::env::var_os("CHAPEAU_GUEST_DIR")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/guest"));
-        let path = dir.join("bzImage");
-        if !path.exists() {
-            eprintln!("skipped: no {}", path.display());
+        let Some(path) = shared_guest_file("bzImage") else {
             return;
-        }
+        };
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
         let kernel = load_kernel(&mem, &path).unwrap();
         assert_eq!(kernel.entry, GuestAddress(layout::HIMEM_START + 0x200));
@@ -289,5 +371,16 @@ mod tests {
         assert_ne!({ header.xloadflags } & XLF_KERNEL_64, 0);
         let (initrd, size) = load_initrd(&mem, &path, &kernel).unwrap();
         assert!(initrd.0 >= kernel.end.0 && initrd.0 + size <= 64 << 20);
+    }
+
+    /// The shared test guest's vmlinux, when present, passes the ELF checks and loads.
+    #[test]
+    fn shared_vmlinux_passes_the_elf_checks() {
+        let Some(path) = shared_guest_file("vmlinux") else {
+            return;
+        };
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 256 << 20)]).unwrap();
+        let kernel = load_kernel(&mem, &path).unwrap();
+        assert!(kernel.setup_header.is_none() && kernel.end.0 > kernel.entry.0);
     }
 }

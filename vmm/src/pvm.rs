@@ -24,12 +24,27 @@ pub fn is_pvm_host() -> bool {
     Path::new(PVM_MODULE).exists()
 }
 
-/// Appends the PVM parameters to `cmdline`, merging with any `clearcpuid=` the user gave (the
-/// kernel honours only one) and skipping parameters already present.
+/// Splits `cmdline` at its first `--` word: the kernel's parameters, and the arguments the
+/// kernel passes to init (from `--` on, verbatim).
+fn split_init_args(cmdline: &str) -> (&str, Option<&str>) {
+    match cmdline.split_whitespace().find(|w| *w == "--") {
+        Some(dashes) => {
+            // `dashes` is a slice of `cmdline`: its offset is where the init arguments start.
+            let at = dashes.as_ptr() as usize - cmdline.as_ptr() as usize;
+            (&cmdline[..at], Some(&cmdline[at..]))
+        }
+        None => (cmdline, None),
+    }
+}
+
+/// Adds the PVM parameters to the kernel's part of `cmdline` (before any `--`, after which
+/// words go to init), merging with any `clearcpuid=` the user gave (the kernel honours only
+/// one) and skipping parameters already present.
 pub fn with_pvm_params(cmdline: &str) -> String {
+    let (kernel_params, init_args) = split_init_args(cmdline);
     let mut words: Vec<String> = Vec::new();
     let mut clear: Vec<String> = Vec::new();
-    for word in cmdline.split_whitespace() {
+    for word in kernel_params.split_whitespace() {
         match word.strip_prefix("clearcpuid=") {
             Some(list) => clear.extend(list.split(',').filter(|s| !s.is_empty()).map(String::from)),
             None => words.push(word.to_string()),
@@ -46,6 +61,7 @@ pub fn with_pvm_params(cmdline: &str) -> String {
         }
     }
     words.push(format!("clearcpuid={}", clear.join(",")));
+    words.extend(init_args.map(String::from));
     words.join(" ")
 }
 
@@ -61,6 +77,24 @@ mod tests {
         assert!(line.ends_with(
             "clearcpuid=cx16,rdtscp,rdpid,popcnt,smap,clwb,fsgsbase,pcid,invpcid,erms,fsrm"
         ));
+    }
+
+    #[test]
+    fn init_arguments_stay_last_and_untouched() {
+        let line = with_pvm_params("console=ttyS0 -- initarg clearcpuid=x  noxsave");
+        let (kernel, init) = line.split_once(" -- ").unwrap();
+        assert_eq!(init, "initarg clearcpuid=x  noxsave");
+        assert!(
+            kernel.starts_with("console=ttyS0 noxsave pvm_syscall"),
+            "{line}"
+        );
+        assert!(kernel.ends_with(
+            "clearcpuid=cx16,rdtscp,rdpid,popcnt,smap,clwb,fsgsbase,pcid,invpcid,erms,fsrm"
+        ));
+        // `--` as the very first word: everything is for init.
+        assert!(with_pvm_params("-- a").ends_with("fsrm -- a"));
+        // A word that merely starts with dashes is a kernel parameter.
+        assert!(with_pvm_params("--x").starts_with("--x noxsave"));
     }
 
     #[test]

@@ -9,8 +9,7 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use virtio_queue::QueueT;
@@ -30,11 +29,8 @@ pub const MAX_BYTES_PER_WAKE: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RngError {
-    #[error("cannot open the entropy source {path}: {source}")]
-    Open {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Open(#[from] crate::host_files::HostFileError),
     #[error("cannot create the activation eventfd: {0}")]
     EventFd(std::io::Error),
 }
@@ -49,16 +45,10 @@ pub struct Rng {
 
 impl Rng {
     /// Opens `source` now (before the VMM's seccomp filter forbids open), non-blocking so a
-    /// source that runs dry never stalls the event loop.
+    /// source that runs dry never stalls the event loop: a character device or regular file
+    /// (a directory or FIFO is refused here rather than failing per request).
     pub fn new(source: &Path) -> Result<Self, RngError> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(source)
-            .map_err(|e| RngError::Open {
-                path: source.to_path_buf(),
-                source: e,
-            })?;
+        let file = crate::host_files::open_byte_source("entropy source", source)?;
         Ok(Self {
             source: file,
             queue: SingleQueue::new().map_err(RngError::EventFd)?,
@@ -226,6 +216,23 @@ mod tests {
         )
         .unwrap();
         (rng, interrupt)
+    }
+
+    #[test]
+    fn a_directory_is_not_an_entropy_source() {
+        let dir = std::env::temp_dir();
+        let err = Rng::new(&dir)
+            .err()
+            .expect("accepted a directory")
+            .to_string();
+        assert_eq!(
+            err,
+            format!(
+                "entropy source {} is a directory, not a regular file or a character device",
+                dir.display()
+            )
+        );
+        Rng::new(Path::new("/dev/urandom")).unwrap();
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! one is refused like any address outside RAM, so no device can write to a read-only image.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -24,18 +24,17 @@ use vm_memory::mmap::MmapRegion;
 use vm_memory::FileOffset;
 
 use crate::arch::x86_64::layout;
+use crate::host_files::{open_regular, Access, HostFileError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PmemError {
-    #[error("cannot open pmem image {}: {source}", path.display())]
-    Open {
+    #[error(transparent)]
+    File(#[from] HostFileError),
+    #[error("pmem image {}: {source}", path.display())]
+    Io {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("pmem image {} is a directory, not an image file", path.display())]
-    Directory { path: PathBuf },
-    #[error("pmem image {} is not a regular file", path.display())]
-    NotAFile { path: PathBuf },
     #[error("pmem image {} is empty", path.display())]
     Empty { path: PathBuf },
     #[error(
@@ -105,18 +104,19 @@ impl PmemRegion {
 /// Opens and checks an image: a non-empty regular file whose size is a multiple of 2 MiB.
 fn open_image(config: &PmemConfig) -> Result<(File, u64), PmemError> {
     let path = &config.file;
-    let open_error = |source| PmemError::Open {
-        path: path.clone(),
-        source,
+    let access = if config.readonly {
+        Access::Read
+    } else {
+        Access::ReadWrite
     };
-    let meta = std::fs::metadata(path).map_err(open_error)?;
-    if meta.is_dir() {
-        return Err(PmemError::Directory { path: path.clone() });
-    }
-    if !meta.is_file() {
-        return Err(PmemError::NotAFile { path: path.clone() });
-    }
-    let size = meta.len();
+    let file = open_regular("pmem image", path, access)?;
+    let size = file
+        .metadata()
+        .map_err(|source| PmemError::Io {
+            path: path.clone(),
+            source,
+        })?
+        .len();
     if size == 0 {
         return Err(PmemError::Empty { path: path.clone() });
     }
@@ -127,11 +127,6 @@ fn open_image(config: &PmemConfig) -> Result<(File, u64), PmemError> {
             padded: size.next_multiple_of(layout::PMEM_SIZE_ALIGN),
         });
     }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(!config.readonly)
-        .open(path)
-        .map_err(open_error)?;
     Ok((file, size))
 }
 
@@ -160,7 +155,7 @@ fn guest_writes_memmap(file: &File, size: u64) -> bool {
 fn check_sharing(configs: &[PmemConfig], opened: &[(File, u64)]) -> Result<(), PmemError> {
     let mut seen: HashMap<(u64, u64), usize> = HashMap::new();
     for (i, (config, (file, _))) in configs.iter().zip(opened).enumerate() {
-        let meta = file.metadata().map_err(|source| PmemError::Open {
+        let meta = file.metadata().map_err(|source| PmemError::Io {
             path: config.file.clone(),
             source,
         })?;
@@ -185,7 +180,7 @@ fn map_file(path: &Path, file: &File, size: u64, readonly: bool) -> Result<MmapR
         path: path.to_path_buf(),
         source,
     };
-    let clone = file.try_clone().map_err(|e| PmemError::Open {
+    let clone = file.try_clone().map_err(|e| PmemError::Io {
         path: path.to_path_buf(),
         source: e,
     })?;
@@ -322,7 +317,13 @@ mod tests {
         assert!(error(&[config(&missing, true)]).contains("No such file"));
         let dir = scratch("a-dir");
         std::fs::create_dir_all(&dir).unwrap();
-        assert!(error(&[config(&dir, true)]).ends_with("is a directory, not an image file"));
+        assert_eq!(
+            error(&[config(&dir, true)]),
+            format!(
+                "pmem image {} is a directory, not a regular file",
+                dir.display()
+            )
+        );
         let empty = image("empty.img", 0);
         assert!(error(&[config(&empty, true)]).ends_with("is empty"));
         let odd = image("odd.img", (3 << 20) + 512);
@@ -333,7 +334,10 @@ mod tests {
                 && msg.contains(&format!("truncate -s 4194304 {}", odd.display())),
             "{msg}"
         );
-        assert!(error(&[config(Path::new("/dev/null"), true)]).ends_with("not a regular file"));
+        assert_eq!(
+            error(&[config(Path::new("/dev/null"), true)]),
+            "pmem image /dev/null is a character device, not a regular file"
+        );
     }
 
     #[test]

@@ -6,20 +6,22 @@ use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
 use vmm_sys_util::epoll::EventSet;
 
 use super::ConsoleError;
+use crate::host_files::open_output;
+use crate::unix_socket::{bind_unix_listener, SocketError, SocketFile};
 
 /// A unix socket we listen on, and its client while one is connected.
 pub(super) struct SocketBackend {
     pub path: PathBuf,
     pub listener: UnixListener,
-    /// (st_dev, st_ino) of the socket file we created, so drop removes only our own file.
-    identity: Option<(u64, u64)>,
+    /// Removes the socket file when the port goes away (only while it is still ours).
+    _file: SocketFile,
     pub listener_registered: bool,
     pub client: Option<Client>,
 }
@@ -47,41 +49,20 @@ pub(super) struct Client {
 }
 
 impl SocketBackend {
-    /// Binds `path`, first removing a stale socket file there (never any other kind of file).
+    /// Listens on `path` (see [`bind_unix_listener`]: a live socket is refused, a stale one
+    /// replaced), non-blocking.
     pub fn listen(path: &Path) -> Result<Self, ConsoleError> {
-        match std::fs::symlink_metadata(path) {
-            Ok(meta) if meta.file_type().is_socket() => {
-                std::fs::remove_file(path).map_err(|source| ConsoleError::RemoveStale {
-                    path: path.to_path_buf(),
-                    source,
-                })?
-            }
-            Ok(_) => {
-                return Err(ConsoleError::NotASocket {
-                    path: path.to_path_buf(),
-                })
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(ConsoleError::Listen {
-                    path: path.to_path_buf(),
-                    source,
-                })
-            }
-        }
-        let listen_err = |source| ConsoleError::Listen {
-            path: path.to_path_buf(),
-            source,
-        };
-        let listener = UnixListener::bind(path).map_err(listen_err)?;
-        listener.set_nonblocking(true).map_err(listen_err)?;
-        let identity = std::fs::symlink_metadata(path)
-            .ok()
-            .map(|m| (m.dev(), m.ino()));
+        let (listener, file) = bind_unix_listener(path)?;
+        listener.set_nonblocking(true).map_err(|source| {
+            ConsoleError::Socket(SocketError::Listen {
+                path: path.to_path_buf(),
+                source,
+            })
+        })?;
         Ok(SocketBackend {
             path: path.to_path_buf(),
             listener,
-            identity,
+            _file: file,
             listener_registered: false,
             client: None,
         })
@@ -124,18 +105,6 @@ impl SocketBackend {
     /// A client that can take guest output.
     pub fn writable_client(&mut self) -> Option<&mut Client> {
         self.client.as_mut().filter(|c| !c.write_broken)
-    }
-}
-
-impl Drop for SocketBackend {
-    fn drop(&mut self) {
-        // Leave no socket file behind, but never remove one that replaced ours.
-        let ours = std::fs::symlink_metadata(&self.path)
-            .ok()
-            .map(|m| (m.dev(), m.ino()));
-        if ours.is_some() && ours == self.identity {
-            let _ = std::fs::remove_file(&self.path);
-        }
     }
 }
 
@@ -192,18 +161,9 @@ impl Sink {
         })
     }
 
-    /// Creates or truncates `path`; O_NONBLOCK matters only for FIFOs.
+    /// Creates `path`, or truncates it if it is ours; see [`open_output`].
     pub fn file(path: &Path) -> Result<Self, ConsoleError> {
-        let file = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(path)
-            .map_err(|source| ConsoleError::Output {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        let file = open_output("console output", path)?;
         Ok(Sink {
             file,
             registered: false,

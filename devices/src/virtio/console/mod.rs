@@ -117,7 +117,7 @@ pub enum ConsoleOutput {
     #[default]
     Off,
     Stdout,
-    /// Created or truncated.
+    /// Created, or truncated if it is ours (see [`crate::host_files::open_output`]).
     File(PathBuf),
     /// A unix socket we listen on: output to the client (dropped while none), input from it.
     Socket(PathBuf),
@@ -132,26 +132,10 @@ pub struct NamedPort {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsoleError {
-    #[error("cannot listen on unix socket {}: {source}", path.display())]
-    Listen {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("cannot remove the stale socket {}: {source}", path.display())]
-    RemoveStale {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{} exists and is not a socket; not replacing it", path.display())]
-    NotASocket { path: PathBuf },
-    #[error("cannot open console output {}: {source}", path.display())]
-    Output {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Socket(#[from] crate::unix_socket::SocketError),
+    #[error(transparent)]
+    Output(#[from] crate::host_files::HostFileError),
     #[error("cannot duplicate stdout for the console: {0}")]
     Stdout(#[source] io::Error),
     #[error("cannot create the console's activation eventfd: {0}")]
@@ -299,8 +283,8 @@ pub struct Console {
 }
 
 impl Console {
-    /// Builds the device and binds every unix socket now (before seccomp), removing a stale
-    /// socket file first. Port 0 is the console; `ports` become ports 1..=N in order.
+    /// Builds the device and binds every unix socket now (before seccomp): a socket someone
+    /// listens on is refused, a stale one replaced. Port 0 is the console; `ports` become ports 1..=N in order.
     pub fn new(console: &ConsoleOutput, ports: &[NamedPort]) -> Result<Console, ConsoleError> {
         if ports.len() > MAX_NAMED_PORTS {
             return Err(ConsoleError::TooManyPorts { count: ports.len() });
@@ -1105,11 +1089,13 @@ fn check_port_name(name: &str) -> Result<(), ConsoleError> {
         "empty"
     } else if name.len() > MAX_PORT_NAME_LEN {
         "longer than 127 bytes"
+    } else if name == "." || name == ".." {
+        "\".\" and \"..\" are not file names"
     } else if name
         .chars()
-        .any(|c| c == '\0' || c == '/' || c.is_whitespace())
+        .any(|c| c == '/' || c.is_whitespace() || c.is_control())
     {
-        "contains NUL, '/' or whitespace"
+        "contains '/', whitespace or a control character"
     } else {
         return Ok(());
     };

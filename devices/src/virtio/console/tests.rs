@@ -953,10 +953,10 @@ fn construction_errors_name_the_path() {
         name: "agent".into(),
         socket: socket.to_path_buf(),
     };
-    let err = Console::new(&ConsoleOutput::Off, &[port(&file)])
-        .err()
-        .unwrap()
-        .to_string();
+    let new_err = |console: ConsoleOutput, ports: &[NamedPort]| {
+        Console::new(&console, ports).err().unwrap().to_string()
+    };
+    let err = new_err(ConsoleOutput::Off, &[port(&file)]);
     assert_eq!(
         err,
         format!(
@@ -967,10 +967,7 @@ fn construction_errors_name_the_path() {
     assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
 
     let missing = dir.join("no/such/dir.sock");
-    let err = Console::new(&ConsoleOutput::Off, &[port(&missing)])
-        .err()
-        .unwrap()
-        .to_string();
+    let err = new_err(ConsoleOutput::Off, &[port(&missing)]);
     assert!(
         err.starts_with(&format!(
             "cannot listen on unix socket {}: ",
@@ -978,6 +975,20 @@ fn construction_errors_name_the_path() {
         )),
         "{err}"
     );
+
+    // A socket someone listens on is refused, and keeps its listener.
+    let live = dir.join("live.sock");
+    let theirs = std::os::unix::net::UnixListener::bind(&live).unwrap();
+    let err = new_err(ConsoleOutput::Socket(live.clone()), &[]);
+    assert_eq!(
+        err,
+        format!(
+            "{} is a socket another process is listening on; not taking it over",
+            live.display()
+        )
+    );
+    UnixStream::connect(&live).unwrap();
+    theirs.accept().unwrap();
 
     // A stale socket is replaced, and removed when the device goes away.
     let sock = dir.join("stale.sock");
