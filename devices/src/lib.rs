@@ -9,5 +9,6 @@ pub mod legacy;
 pub use bus::{Bus, BusDevice, BusError};
 pub use exit::{ExitNotifier, ExitReason};
 pub mod pci;
+pub mod rate_limit;
 pub mod readonly_memory;
 pub mod virtio;
