@@ -4,6 +4,7 @@
 
 pub mod bus;
 pub mod exit;
+pub mod host_stdout;
 pub mod legacy;
 
 pub use bus::{Bus, BusDevice, BusError};
