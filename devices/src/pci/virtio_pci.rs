@@ -545,20 +545,21 @@ fn virtio_cap(cfg_type: u8, offset: u64, len: u64, multiplier: Option<u32>) -> V
 /// A write to one half of a queue's descriptor table, avail ring or used ring address
 /// (common configuration offsets 0x20 to 0x37). Misaligned addresses are ignored, quietly.
 fn set_ring_address(q: &mut Queue, offset: u64, half: u32) {
-    let (current, set): (
-        u64,
-        fn(&mut Queue, GuestAddress) -> Result<(), virtio_queue::Error>,
-    ) = match offset {
-        0x20 | 0x24 => (q.desc_table(), Queue::try_set_desc_table_address),
-        0x28 | 0x2c => (q.avail_ring(), Queue::try_set_avail_ring_address),
-        _ => (q.used_ring(), Queue::try_set_used_ring_address),
+    let current = match offset {
+        0x20 | 0x24 => q.desc_table(),
+        0x28 | 0x2c => q.avail_ring(),
+        _ => q.used_ring(),
     };
-    let addr = if offset % 8 == 0 {
+    let addr = GuestAddress(if offset.is_multiple_of(8) {
         (current & !0xffff_ffff) | u64::from(half)
     } else {
         (current & 0xffff_ffff) | u64::from(half) << 32
+    });
+    let _ = match offset {
+        0x20 | 0x24 => q.try_set_desc_table_address(addr),
+        0x28 | 0x2c => q.try_set_avail_ring_address(addr),
+        _ => q.try_set_used_ring_address(addr),
     };
-    let _ = set(q, GuestAddress(addr));
 }
 
 fn in_region(offset: u64, len: usize, start: u64, size: u64) -> Option<u64> {
