@@ -9,15 +9,15 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use devices::pci::{MsiRouting, MsixVector, VirtioPciDevice};
+use devices::pci::VirtioPciDevice;
 use devices::virtio::console::{Console, ConsoleOutput, VIRTIO_CONSOLE_F_MULTIPORT};
-use devices::virtio::fake_driver::{descriptor, ring_addrs, FakeDriver, DATA_BASE, MEM_SIZE};
+use devices::virtio::fake_driver::{
+    descriptor, pci_transport, ring_addrs, unlinked_tempfile, FakeDriver, DATA_BASE, MEM_SIZE,
+};
 use devices::virtio::pmem::Pmem;
 use devices::virtio::rng::{Rng, DEFAULT_SOURCE};
 use devices::virtio::{VirtioDevice, VIRTIO_F_VERSION_1};
 use devices::BusDevice;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
 /// Counts every log record (at every level) the code under test emits.
 struct CountingLogger(AtomicUsize);
@@ -184,48 +184,12 @@ fn console_survives_hostile_queues() {
 }
 
 fn pmem_survives_hostile_queues() {
-    let file = tempfile();
+    let file = unlinked_tempfile("hostile-pmem").unwrap();
     let pmem = Pmem::new(1 << 32, 2 << 20, Some(file)).unwrap();
     hostile_rounds(pmem, VIRTIO_F_VERSION_1, 2000);
 }
 
-fn tempfile() -> std::fs::File {
-    let path = std::env::temp_dir().join(format!("hostile-pmem-{}", std::process::id()));
-    let file = std::fs::File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
-    let _ = std::fs::remove_file(&path);
-    file
-}
-
 // ----- through the PCI transport -----
-
-struct NoRouting;
-
-impl MsiRouting for NoRouting {
-    fn set_route(&self, _gsi: u32, _addr: u64, _data: u32) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn clear_route(&self, _gsi: u32) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn transport(device: Arc<Mutex<dyn VirtioDevice>>) -> VirtioPciDevice {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
-    let needed = VirtioPciDevice::vectors_needed(&*device.lock().unwrap());
-    let vectors = (0..needed)
-        .map(|i| MsixVector {
-            gsi: 24 + i as u32,
-            irqfd: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        })
-        .collect();
-    VirtioPciDevice::new(device, mem, 0xc000_0000, vectors, Arc::new(NoRouting)).unwrap()
-}
 
 fn w(pci: &mut VirtioPciDevice, offset: u64, len: usize, value: u64) {
     pci.write(offset, &value.to_le_bytes()[..len]);
@@ -267,8 +231,8 @@ fn reset_driver_ok_loops_cost_no_fds() {
         Rng::new(std::path::Path::new(DEFAULT_SOURCE)).unwrap(),
     ));
     let features = VIRTIO_F_VERSION_1 | VIRTIO_CONSOLE_F_MULTIPORT;
-    let mut console_pci = transport(console.clone());
-    let mut rng_pci = transport(rng.clone());
+    let mut console_pci = pci_transport(console.clone()).unwrap();
+    let mut rng_pci = pci_transport(rng.clone()).unwrap();
     session(&mut console_pci, 4, features, |q| ring_addrs(q).0);
     session(&mut rng_pci, 1, VIRTIO_F_VERSION_1, |q| ring_addrs(q).0);
     let before = usage();

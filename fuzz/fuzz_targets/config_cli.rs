@@ -14,7 +14,10 @@ fuzz_target!(|data: &[u8]| {
     }
     // The same text as arguments, one per line. --config would read a file the input names.
     let args: Vec<&str> = text.lines().collect();
-    if args.iter().any(|a| a.contains("config") || a.starts_with("-c")) {
+    if args
+        .iter()
+        .any(|a| a.contains("config") || a.starts_with("-c"))
+    {
         return;
     }
     if let Ok(cli) = Cli::try_parse_from(std::iter::once("chapeau").chain(args)) {

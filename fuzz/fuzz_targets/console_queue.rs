@@ -12,6 +12,11 @@ fuzz_target!(|data: &[u8]| {
     };
     // The first byte says whether the driver takes MULTIPORT.
     let multiport = data.first().is_some_and(|b| b & 0x80 != 0);
-    let features = VIRTIO_F_VERSION_1 | if multiport { VIRTIO_CONSOLE_F_MULTIPORT } else { 0 };
+    let features = VIRTIO_F_VERSION_1
+        | if multiport {
+            VIRTIO_CONSOLE_F_MULTIPORT
+        } else {
+            0
+        };
     chapeau_fuzz::drive_device(console, features, data);
 });

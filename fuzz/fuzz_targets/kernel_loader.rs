@@ -17,7 +17,9 @@ fn memory() -> &'static GuestMemoryMmap {
 
 fn path() -> &'static PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| std::env::temp_dir().join(format!("chapeau-fuzz-kernel-{}", std::process::id())))
+    PATH.get_or_init(|| {
+        std::env::temp_dir().join(format!("chapeau-fuzz-kernel-{}", std::process::id()))
+    })
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -6,48 +6,19 @@
 use std::sync::{Arc, Mutex};
 
 use chapeau_fuzz::Input;
-use devices::pci::{MsiRouting, MsixVector, PciDevice, VirtioPciDevice};
+use devices::pci::PciDevice;
 use devices::virtio::console::{Console, ConsoleOutput};
-use devices::virtio::fake_driver::MEM_SIZE;
+use devices::virtio::fake_driver::pci_transport;
 use devices::virtio::VirtioDevice;
 use devices::BusDevice;
 use libfuzzer_sys::fuzz_target;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
-
-struct NoRouting;
-
-impl MsiRouting for NoRouting {
-    fn set_route(&self, _gsi: u32, _addr: u64, _data: u32) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn clear_route(&self, _gsi: u32) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 fuzz_target!(|data: &[u8]| {
     let Ok(console) = Console::new(&ConsoleOutput::Off, &[]) else {
         return;
     };
     let device: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(console));
-    let Ok(mem) = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]) else {
-        return;
-    };
-    let needed = VirtioPciDevice::vectors_needed(&*device.lock().unwrap());
-    let Ok(vectors) = (0..needed)
-        .map(|i| {
-            EventFd::new(libc::EFD_NONBLOCK).map(|irqfd| MsixVector {
-                gsi: 24 + i as u32,
-                irqfd,
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()
-    else {
-        return;
-    };
-    let Ok(mut pci) = VirtioPciDevice::new(device, mem, 0xc000_0000, vectors, Arc::new(NoRouting))
-    else {
+    let Ok(mut pci) = pci_transport(device) else {
         return;
     };
     let mut input = Input(data);

@@ -5,25 +5,16 @@
 use std::fs::File;
 use std::sync::OnceLock;
 
+use devices::virtio::fake_driver::unlinked_tempfile;
 use devices::virtio::pmem::Pmem;
 use devices::virtio::VIRTIO_F_VERSION_1;
 use libfuzzer_sys::fuzz_target;
 
 fn backing() -> Option<File> {
     static FILE: OnceLock<Option<File>> = OnceLock::new();
-    FILE.get_or_init(|| {
-        let path = std::env::temp_dir().join(format!("chapeau-fuzz-pmem-{}", std::process::id()));
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .ok();
-        let _ = std::fs::remove_file(&path);
-        file
-    })
-    .as_ref()
-    .and_then(|f| f.try_clone().ok())
+    FILE.get_or_init(|| unlinked_tempfile("fuzz-pmem").ok())
+        .as_ref()
+        .and_then(|f| f.try_clone().ok())
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -11,6 +11,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::pci::{MsiRouting, MsixVector, VirtioPciDevice};
+
 use super::{ActivateError, ActivatedQueue, InterruptKind, VirtioDevice, VirtioInterrupt};
 
 /// Guest memory the driver works in.
@@ -30,6 +32,55 @@ impl VirtioInterrupt for CountingInterrupt {
         self.0.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// A read-write file nobody else can reach (unlinked at once), e.g. a pmem backing file.
+/// `tag` keeps concurrent users apart.
+pub fn unlinked_tempfile(tag: &str) -> std::io::Result<std::fs::File> {
+    let name = format!(
+        "chapeau-{tag}-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    );
+    let path = std::env::temp_dir().join(name.replace(['(', ')'], ""));
+    let file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path);
+    let _ = std::fs::remove_file(&path);
+    file
+}
+
+/// MSI routes that go nowhere: the PCI transport without KVM.
+pub struct NoMsiRouting;
+
+impl MsiRouting for NoMsiRouting {
+    fn set_route(&self, _gsi: u32, _addr: u64, _data: u32) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn clear_route(&self, _gsi: u32) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `device` behind the virtio-pci transport over `MEM_SIZE` bytes of memory, its BAR at
+/// 0xc000_0000, with irqfds nobody listens to.
+pub fn pci_transport(device: Arc<Mutex<dyn VirtioDevice>>) -> Result<VirtioPciDevice, String> {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
+        .map_err(|e| e.to_string())?;
+    let needed = VirtioPciDevice::vectors_needed(&*lock(&device));
+    let vectors = (0..needed)
+        .map(|i| {
+            EventFd::new(libc::EFD_NONBLOCK).map(|irqfd| MsixVector {
+                gsi: 24 + i as u32,
+                irqfd,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    VirtioPciDevice::new(device, mem, 0xc000_0000, vectors, Arc::new(NoMsiRouting))
+        .map_err(|e| e.to_string())
 }
 
 /// Addresses of queue `q`: (descriptor table, avail ring, used ring).

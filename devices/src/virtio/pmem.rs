@@ -386,16 +386,8 @@ mod tests {
     }
 
     fn tempfile_with(bytes: &[u8]) -> File {
-        let path = std::env::temp_dir().join(format!("pmem-dev-test-{}", std::process::id()));
-        let mut file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
+        let mut file = crate::virtio::fake_driver::unlinked_tempfile("pmem-dev-test").unwrap();
         file.write_all(bytes).unwrap();
-        let _ = std::fs::remove_file(&path);
         file
     }
 }
