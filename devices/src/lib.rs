@@ -5,11 +5,13 @@
 pub mod bus;
 pub mod exit;
 pub mod host_files;
+pub mod host_stdout;
 pub mod legacy;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use exit::{ExitNotifier, ExitReason};
 pub mod pci;
+pub mod rate_limit;
 pub mod readonly_memory;
 pub mod unix_socket;
 pub mod virtio;

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use crate::rate_limit::RateLimit;
 use crate::{BusDevice, ExitNotifier, ExitReason};
 
 const SLP_EN: u8 = 1 << 5;
@@ -18,6 +19,8 @@ pub struct AcpiPowerDevice {
     exit: Arc<ExitNotifier>,
     s5_sleep_type: u8,
     reset_value: u8,
+    /// Sleep types other than S5, which a guest can ask for without end.
+    unsupported_sleeps: RateLimit,
 }
 
 impl AcpiPowerDevice {
@@ -26,6 +29,7 @@ impl AcpiPowerDevice {
             exit,
             s5_sleep_type,
             reset_value,
+            unsupported_sleeps: RateLimit::default(),
         }
     }
 }
@@ -49,7 +53,11 @@ impl BusDevice for AcpiPowerDevice {
             if sleep_type == self.s5_sleep_type {
                 self.exit.notify(ExitReason::Poweroff);
             } else {
-                log::warn!("guest asked for unsupported ACPI sleep type {sleep_type}; ignored");
+                if let Some(n) = self.unsupported_sleeps.hit() {
+                    log::warn!(
+                        "guest asked for unsupported ACPI sleep type {sleep_type}; ignored ({n} times so far)"
+                    );
+                }
             }
         }
     }

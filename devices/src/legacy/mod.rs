@@ -3,7 +3,9 @@
 mod acpi_power;
 mod i8042;
 mod serial;
+pub mod serial_output;
 
 pub use acpi_power::AcpiPowerDevice;
 pub use i8042::I8042;
 pub use serial::{EventFdTrigger, Serial};
+pub use serial_output::{OutputLimits, SerialOutput};

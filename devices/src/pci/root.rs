@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use super::config::{PciConfig, PciHeader, CONFIG_SPACE_SIZE};
 use super::{BarRelocator, BarReprogram, PciDevice, NUM_SLOTS};
+use crate::rate_limit::RateLimit;
 use crate::BusDevice;
 
 /// The host bridge's ids: Red Hat's "QEMU PCIe host bridge", which guests know needs no quirk.
@@ -51,6 +52,8 @@ pub struct PciRoot {
     relocator: RwLock<Option<Arc<dyn BarRelocator>>>,
     /// Guest accesses to configuration space (each one a vCPU exit), for the boot cost figure.
     config_exits: AtomicU64,
+    /// BAR moves the VMM refused (e.g. onto ECAM), which a guest can retry without end.
+    refused_bar_moves: RateLimit,
 }
 
 impl Default for PciRoot {
@@ -78,6 +81,7 @@ impl PciRoot {
             slots: RwLock::new(slots),
             relocator: RwLock::new(None),
             config_exits: AtomicU64::new(0),
+            refused_bar_moves: RateLimit::default(),
         }
     }
 
@@ -163,12 +167,14 @@ impl PciRoot {
                 move_.new
             ),
             Err(e) => {
-                log::warn!(
-                    "PCI 00:{device:02x}.0: cannot move BAR {} to {:#x} ({e}); it stays at {:#x}",
-                    move_.index,
-                    move_.new,
-                    move_.old
-                );
+                if let Some(n) = self.refused_bar_moves.hit() {
+                    log::warn!(
+                        "PCI 00:{device:02x}.0: cannot move BAR {} to {:#x} ({e}); it stays at {:#x} ({n} refused so far)",
+                        move_.index,
+                        move_.new,
+                        move_.old
+                    );
+                }
                 dev.revert_bar(&move_);
             }
         }

@@ -13,12 +13,14 @@ use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::config::{PciConfig, PciHeader};
 use super::msix::{MsiRouting, Msix, MsixVector, MAX_VECTORS, MSIX_CAP_ID};
 use super::{BarReprogram, PciDevice, VIRTIO_VENDOR_ID};
+use crate::rate_limit::RateLimit;
+use crate::virtio::chain::queue_in_memory;
 use crate::virtio::{
     ActivatedQueue, InterruptKind, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
@@ -153,8 +155,13 @@ pub struct VirtioPciDevice {
     queue_select: u16,
     queue_max_sizes: Vec<u16>,
     queues: Vec<Queue>,
-    notify: Vec<EventFd>,
+    /// Queue notification eventfds, for the device's lifetime: KVM signals them as ioeventfds
+    /// and every activation shares them with the device (never a duplicate per DRIVER_OK).
+    notify: Vec<Arc<EventFd>>,
     activated: bool,
+    /// Driver mistakes a guest can repeat, logged at a bounded rate.
+    refused_features: RateLimit,
+    failed_activations: RateLimit,
     /// The device could not be reset: it stays failed until the VM ends.
     broken: bool,
 }
@@ -237,7 +244,11 @@ impl VirtioPciDevice {
             .map(|max| Queue::new(*max).map_err(VirtioPciError::Queue))
             .collect::<Result<Vec<_>, _>>()?;
         let notify = (0..num_queues)
-            .map(|_| EventFd::new(libc::EFD_NONBLOCK).map_err(VirtioPciError::EventFd))
+            .map(|_| {
+                EventFd::new(libc::EFD_NONBLOCK)
+                    .map(Arc::new)
+                    .map_err(VirtioPciError::EventFd)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let shared = Arc::new(Shared {
             config_vector: AtomicU16::new(VIRTIO_MSI_NO_VECTOR),
@@ -264,6 +275,8 @@ impl VirtioPciDevice {
             queues,
             notify,
             activated: false,
+            refused_features: RateLimit::default(),
+            failed_activations: RateLimit::default(),
             broken: false,
         })
     }
@@ -361,8 +374,10 @@ impl VirtioPciDevice {
             (0x16, 2) => self.queue_select = v16,
             (0x18, 2) => {
                 if let Some(q) = self.selected_mut() {
-                    // Sizes that are not powers of two or exceed the maximum are ignored.
-                    q.set_size(v16);
+                    // Sizes that are not powers of two or exceed the maximum are ignored (the
+                    // try_ setters, unlike virtio-queue's plain ones, log nothing a guest could
+                    // repeat).
+                    let _ = q.try_set_size(v16);
                 }
             }
             (0x1a, 2) => {
@@ -381,12 +396,9 @@ impl VirtioPciDevice {
                     q.set_ready(true);
                 }
             }
-            (0x20, 4) => self.with_queue(|q| q.set_desc_table_address(Some(v32), None)),
-            (0x24, 4) => self.with_queue(|q| q.set_desc_table_address(None, Some(v32))),
-            (0x28, 4) => self.with_queue(|q| q.set_avail_ring_address(Some(v32), None)),
-            (0x2c, 4) => self.with_queue(|q| q.set_avail_ring_address(None, Some(v32))),
-            (0x30, 4) => self.with_queue(|q| q.set_used_ring_address(Some(v32), None)),
-            (0x34, 4) => self.with_queue(|q| q.set_used_ring_address(None, Some(v32))),
+            (0x20 | 0x24 | 0x28 | 0x2c | 0x30 | 0x34, 4) => {
+                self.with_queue(|q| set_ring_address(q, offset, v32));
+            }
             _ => {}
         }
     }
@@ -425,11 +437,13 @@ impl VirtioPciDevice {
         if added & STATUS_FEATURES_OK != 0 {
             let unoffered = self.driver_features & !self.avail_features;
             if unoffered != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 {
-                log::warn!(
-                    "virtio-pci: driver features {:#x} refused (offered {:#x})",
-                    self.driver_features,
-                    self.avail_features
-                );
+                if let Some(n) = self.refused_features.hit() {
+                    log::warn!(
+                        "virtio-pci: driver features {:#x} refused (offered {:#x}; {n} refusals so far)",
+                        self.driver_features,
+                        self.avail_features
+                    );
+                }
                 new &= !STATUS_FEATURES_OK;
             } else {
                 let features = self.driver_features;
@@ -440,7 +454,9 @@ impl VirtioPciDevice {
             if new & STATUS_FEATURES_OK == 0 || self.activated {
                 new &= !STATUS_DRIVER_OK;
             } else if let Err(e) = self.activate() {
-                log::error!("virtio-pci: cannot activate the device: {e}");
+                if let Some(n) = self.failed_activations.hit() {
+                    log::error!("virtio-pci: cannot activate the device: {e} ({n} so far)");
+                }
                 new = (new & !STATUS_DRIVER_OK) | STATUS_NEEDS_RESET;
                 self.status = new;
                 let _ = self.interrupt().trigger(InterruptKind::Config);
@@ -462,16 +478,14 @@ impl VirtioPciDevice {
         let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
         let mut activated = Vec::with_capacity(self.queues.len());
         for (index, q) in self.queues.iter_mut().enumerate() {
-            if q.ready() && !q.is_valid(&self.mem) {
+            if q.ready() && !queue_in_memory(q, &self.mem) {
                 return Err(ActivateError::InvalidQueue { index });
             }
             q.set_event_idx(event_idx);
             // The device gets its own copy; ours keeps answering the driver's reads.
             let queue =
                 Queue::try_from(q.state()).map_err(|_| ActivateError::InvalidQueue { index })?;
-            let notify = self.notify[index]
-                .try_clone()
-                .map_err(ActivateError::Wake)?;
+            let notify = self.notify[index].clone();
             activated.push(ActivatedQueue { queue, notify });
         }
         let interrupt: Arc<dyn VirtioInterrupt> = Arc::new(self.interrupt());
@@ -526,6 +540,26 @@ fn virtio_cap(cfg_type: u8, offset: u64, len: u64, multiplier: Option<u32>) -> V
         body.extend_from_slice(&m.to_le_bytes());
     }
     body
+}
+
+/// A write to one half of a queue's descriptor table, avail ring or used ring address
+/// (common configuration offsets 0x20 to 0x37). Misaligned addresses are ignored, quietly.
+fn set_ring_address(q: &mut Queue, offset: u64, half: u32) {
+    let current = match offset {
+        0x20 | 0x24 => q.desc_table(),
+        0x28 | 0x2c => q.avail_ring(),
+        _ => q.used_ring(),
+    };
+    let addr = GuestAddress(if offset.is_multiple_of(8) {
+        (current & !0xffff_ffff) | u64::from(half)
+    } else {
+        (current & 0xffff_ffff) | u64::from(half) << 32
+    });
+    let _ = match offset {
+        0x20 | 0x24 => q.try_set_desc_table_address(addr),
+        0x28 | 0x2c => q.try_set_avail_ring_address(addr),
+        _ => q.try_set_used_ring_address(addr),
+    };
 }
 
 fn in_region(offset: u64, len: usize, start: u64, size: u64) -> Option<u64> {
@@ -614,7 +648,7 @@ impl PciDevice for VirtioPciDevice {
             .map(|(i, fd)| {
                 (
                     base + NOTIFY_OFFSET + i as u64 * u64::from(NOTIFY_MULTIPLIER),
-                    fd,
+                    &**fd,
                 )
             })
             .collect()

@@ -12,7 +12,10 @@
 //! This split is why activation cannot deadlock against the event loop (the trap Dragonball
 //! documents): a vCPU never waits for the `vmm` thread.
 
+pub mod chain;
 pub mod console;
+#[cfg(any(test, feature = "fake-driver"))]
+pub mod fake_driver;
 pub mod pmem;
 pub mod rng;
 pub mod single_queue;
@@ -53,10 +56,12 @@ pub trait VirtioInterrupt: Send + Sync {
 }
 
 /// A queue handed to the device at activation, with the eventfd the guest's notifications
-/// for it arrive on.
+/// for it arrive on. The transport owns that eventfd for the device's lifetime and hands the
+/// same one to every activation: a device keeps it in its epoll set once, and a driver that
+/// loops reset/DRIVER_OK creates no file descriptor.
 pub struct ActivatedQueue {
     pub queue: Queue,
-    pub notify: EventFd,
+    pub notify: Arc<EventFd>,
 }
 
 #[derive(Debug, thiserror::Error)]

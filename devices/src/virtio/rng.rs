@@ -8,17 +8,19 @@
 //! (the rest waits for the next turn of the loop, so one guest cannot hog it).
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::Arc;
 
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 
+use super::chain::pop_chain;
 use super::single_queue::{single_queue_subscriber, SingleQueue};
 use super::{
     ActivateError, ActivatedQueue, VirtioDevice, VirtioInterrupt, TYPE_RNG, VIRTIO_F_VERSION_1,
 };
+use crate::rate_limit::RateLimit;
 
 pub const DEFAULT_SOURCE: &str = "/dev/urandom";
 pub const QUEUE_SIZE: u16 = 256;
@@ -41,6 +43,7 @@ pub struct Rng {
     buf: Vec<u8>,
     /// Bytes handed to the guest, for tests and metrics.
     bytes_served: u64,
+    read_errors: RateLimit,
 }
 
 impl Rng {
@@ -54,6 +57,7 @@ impl Rng {
             queue: SingleQueue::new().map_err(RngError::EventFd)?,
             buf: Vec::new(),
             bytes_served: 0,
+            read_errors: RateLimit::default(),
         })
     }
 
@@ -61,46 +65,42 @@ impl Rng {
         self.bytes_served
     }
 
-    /// Fills one chain; returns the bytes written (0 for a chain we refuse).
+    /// Fills one chain with one read of the source, however many descriptors it has; returns
+    /// the bytes written (0 for a chain we refuse).
     fn fill_chain(
         source: &mut File,
         buf: &mut Vec<u8>,
         mem: &GuestMemoryMmap,
         chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+        read_errors: &RateLimit,
     ) -> u32 {
-        let mut written: u32 = 0;
-        for desc in chain {
-            if !desc.is_write_only() {
-                // A buffer the driver meant for us to read: not an rng request.
-                return 0;
-            }
-            let room = MAX_BYTES_PER_CHAIN - written;
-            let len = desc.len().min(room) as usize;
-            if len == 0 {
-                break;
-            }
-            buf.resize(len, 0);
-            let n = match source.read(&mut buf[..len]) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
-                Err(e) => {
-                    log::warn!("virtio-rng: reading the source: {e}");
-                    0
-                }
-            };
-            if n == 0 {
-                break;
-            }
-            if mem.write_slice(&buf[..n], desc.addr()).is_err() {
-                return 0;
-            }
-            // n <= len <= room, so this stays within MAX_BYTES_PER_CHAIN.
-            written += n as u32;
-            if n < len {
-                break;
-            }
+        // A buffer the driver meant for us to read: not an rng request.
+        if chain.clone().any(|desc| !desc.is_write_only()) {
+            return 0;
         }
-        written
+        let Ok(mut writer) = chain.writer(mem) else {
+            return 0;
+        };
+        let want = writer.available_bytes().min(MAX_BYTES_PER_CHAIN as usize);
+        if want == 0 {
+            return 0;
+        }
+        buf.resize(want, 0);
+        let n = match source.read(&mut buf[..want]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+            Err(e) => {
+                if let Some(count) = read_errors.hit() {
+                    log::warn!("virtio-rng: reading the source: {e} ({count} errors so far)");
+                }
+                0
+            }
+        };
+        if writer.write_all(&buf[..n]).is_err() {
+            return 0;
+        }
+        // n <= want <= MAX_BYTES_PER_CHAIN.
+        n as u32
     }
 
     /// Serves the queue; returns true when it stopped because of the per-wake budget.
@@ -111,9 +111,16 @@ impl Rng {
         let mut used_any = false;
         let mut budget = MAX_BYTES_PER_WAKE;
         let mut exhausted = false;
-        while let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) {
+        // VIRTIO_RING_F_INDIRECT_DESC is not offered, so never negotiated.
+        while let Some(chain) = pop_chain(&mut active.queue, &active.mem, false) {
             let head = chain.head_index();
-            let written = Self::fill_chain(&mut self.source, &mut self.buf, &active.mem, chain);
+            let written = Self::fill_chain(
+                &mut self.source,
+                &mut self.buf,
+                &active.mem,
+                chain,
+                &self.read_errors,
+            );
             if let Err(e) = active.queue.add_used(&active.mem, head, written) {
                 log::warn!("virtio-rng: cannot complete a chain: {e:?}");
                 break;
@@ -186,7 +193,7 @@ mod tests {
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::GuestAddress;
+    use vm_memory::{Bytes, GuestAddress};
     use vmm_sys_util::eventfd::EventFd;
 
     const MEM_SIZE: u64 = 4 << 20;
@@ -211,7 +218,7 @@ mod tests {
             interrupt.clone(),
             vec![ActivatedQueue {
                 queue: mock.create_queue().unwrap(),
-                notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                notify: Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
             }],
         )
         .unwrap();
@@ -275,8 +282,8 @@ mod tests {
                 desc(MEM_SIZE + 0x1000, 64, VRING_DESC_F_WRITE, 0),
                 // 2: straddles the end of guest memory.
                 desc(MEM_SIZE - 16, 64, VRING_DESC_F_WRITE, 0),
-                // 3: absurd length: capped at MAX_BYTES_PER_CHAIN.
-                desc(DATA, u32::MAX, VRING_DESC_F_WRITE, 0),
+                // 3: a large buffer: capped at MAX_BYTES_PER_CHAIN.
+                desc(DATA, 1 << 20, VRING_DESC_F_WRITE, 0),
                 // 4: writable then read-only in one chain.
                 desc(DATA, 8, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 5),
                 desc(DATA + 8, 8, 0, 0),
@@ -319,6 +326,55 @@ mod tests {
     }
 
     #[test]
+    fn indirect_tables_are_not_followed_unless_negotiated() {
+        let mem = memory();
+        let mock = MockSplitQueue::new(&mem, 16);
+        let table = DATA + 0x8000;
+        // A valid indirect table of 4 writable descriptors: the device never offered
+        // INDIRECT_DESC, so the chain completes empty, unread.
+        for i in 0..4u16 {
+            let d = desc(DATA + u64::from(i) * 64, 64, VRING_DESC_F_WRITE, 0);
+            mem.write_obj(d, GuestAddress(table + u64::from(i) * 16))
+                .unwrap();
+        }
+        let indirect = virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT;
+        let (mut rng, _) = rng_with(&mem, &mock, &[desc(table, 4 * 16, indirect, 0)]);
+        rng.process_queue();
+        assert_eq!(used(&mock, 0), (0, 0));
+        assert_eq!(rng.bytes_served(), 0);
+    }
+
+    /// read(2) calls this thread made so far.
+    fn read_syscalls() -> u64 {
+        let io = std::fs::read_to_string("/proc/thread-self/io").unwrap();
+        io.lines()
+            .find_map(|l| l.strip_prefix("syscr: "))
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn one_source_read_per_chain() {
+        let mem = memory();
+        let mock = MockSplitQueue::new(&mem, 256);
+        // One chain of 256 one-byte descriptors.
+        let descs: Vec<_> = (0..256u16)
+            .map(|i| {
+                let flags = VRING_DESC_F_WRITE | if i < 255 { VRING_DESC_F_NEXT } else { 0 };
+                desc(DATA + u64::from(i) * 2, 1, flags, i + 1)
+            })
+            .collect();
+        let (mut rng, _) = rng_with(&mem, &mock, &descs);
+        let probe_cost = read_syscalls().abs_diff(read_syscalls());
+        let before = read_syscalls();
+        rng.process_queue();
+        let reads = read_syscalls() - before - probe_cost;
+        assert_eq!(used(&mock, 0), (0, 256));
+        assert_eq!(reads, 1, "read calls for one chain of 256 descriptors");
+    }
+
+    #[test]
     fn budget_per_wake_is_bounded() {
         let mem = memory();
         let mock = MockSplitQueue::new(&mem, 64);
@@ -350,7 +406,7 @@ mod tests {
         manager.add_subscriber(rng.clone());
         mock.add_desc_chains(&[desc(DATA, 32, VRING_DESC_F_WRITE, 0)], 0)
             .unwrap();
-        let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let notify = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         let interrupt = Arc::new(CountingInterrupt::default());
         rng.lock()
             .unwrap()
@@ -359,7 +415,7 @@ mod tests {
                 interrupt.clone(),
                 vec![ActivatedQueue {
                     queue: mock.create_queue().unwrap(),
-                    notify: notify.try_clone().unwrap(),
+                    notify: notify.clone(),
                 }],
             )
             .unwrap();
@@ -372,12 +428,19 @@ mod tests {
         manager.run_with_timeout(1000).unwrap();
         assert_eq!(mock.used().idx().load(), 2);
         assert_eq!(interrupt.0.load(Ordering::SeqCst), 2);
-        // Reset: the loop unwatches the queue; later kicks do nothing.
+        // Reset: the queue's eventfd stays watched; a later kick is read and does nothing.
         assert!(rng.lock().unwrap().reset());
-        manager.run_with_timeout(1000).unwrap();
-        assert_eq!(rng.lock().unwrap().queue.retired_count(), 0);
+        mock.add_desc_chains(&[desc(DATA, 32, VRING_DESC_F_WRITE, 0)], 2)
+            .unwrap();
         notify.write(1).unwrap();
-        assert_eq!(manager.run_with_timeout(100).unwrap(), 0);
+        manager.run_with_timeout(1000).unwrap();
+        assert_eq!(mock.used().idx().load(), 2);
+        assert_eq!(rng.lock().unwrap().queue.watched_count(), 1);
+        assert_eq!(
+            manager.run_with_timeout(100).unwrap(),
+            0,
+            "the kick was consumed"
+        );
         // Wrong queue counts are refused.
         let err = rng
             .lock()

@@ -1,7 +1,7 @@
 //! The activation plumbing every one-queue device (rng, pmem) needs, written once: take the
 //! queue on a vCPU thread without blocking, and bring the event loop's epoll set in line on
-//! the `vmm` thread (watch the queue's notify eventfd after activation, unwatch it after a
-//! reset).
+//! the `vmm` thread (watch the queue's notify eventfd once: the transport hands the same one to
+//! every activation, so it stays watched across resets).
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -19,9 +19,7 @@ pub struct ActiveQueue {
     pub mem: GuestMemoryMmap,
     pub interrupt: Arc<dyn VirtioInterrupt>,
     pub queue: Queue,
-    pub notify: EventFd,
-    /// Whether `notify` is in the event loop's epoll set yet.
-    watched: bool,
+    pub notify: Arc<EventFd>,
 }
 
 impl ActiveQueue {
@@ -55,8 +53,9 @@ pub struct SingleQueue {
     /// Written by activate/reset (vCPU thread) so the event loop side picks up the change.
     wake: EventFd,
     active: Option<ActiveQueue>,
-    /// Notify eventfds of a reset device, still in epoll until the event loop removes them.
-    retired: Vec<EventFd>,
+    /// The notify eventfd in the event loop's epoll set; stays there after a reset (kicks
+    /// then are read and ignored) until an activation brings a different one.
+    watched: Option<Arc<EventFd>>,
 }
 
 impl SingleQueue {
@@ -64,7 +63,7 @@ impl SingleQueue {
         Ok(Self {
             wake: EventFd::new(libc::EFD_NONBLOCK)?,
             active: None,
-            retired: Vec::new(),
+            watched: None,
         })
     }
 
@@ -91,19 +90,14 @@ impl SingleQueue {
             interrupt,
             queue: q.queue,
             notify: q.notify,
-            watched: false,
         });
         self.wake.write(1).map_err(ActivateError::Wake)
     }
 
-    /// Device reset (vCPU thread): drops the queue; the event loop unwatches it.
+    /// Device reset (vCPU thread): drops the queue; its eventfd stays watched, for the next
+    /// activation.
     pub fn reset(&mut self) {
-        if let Some(active) = self.active.take() {
-            if active.watched {
-                self.retired.push(active.notify);
-            }
-            let _ = self.wake.write(1);
-        }
+        self.active = None;
     }
 
     /// `MutEventSubscriber::init`: watch the activation event.
@@ -122,36 +116,40 @@ impl SingleQueue {
     ) -> QueueEvent {
         if events.fd() == self.wake.as_raw_fd() {
             let _ = self.wake.read();
-            for fd in self.retired.drain(..) {
-                let _ = ops.remove(Events::new(&fd, EventSet::IN));
-            }
-            if let Some(active) = self.active.as_mut() {
-                if !active.watched {
-                    match ops.add(Events::new(&active.notify, EventSet::IN)) {
-                        Ok(()) => active.watched = true,
-                        Err(e) => log::error!("{device}: cannot watch the queue: {e:?}"),
-                    }
+            let Some(active) = self.active.as_ref() else {
+                return QueueEvent::Ignore;
+            };
+            let current = self.watched.as_ref();
+            if !current.is_some_and(|fd| Arc::ptr_eq(fd, &active.notify)) {
+                if let Some(old) = self.watched.take() {
+                    let _ = ops.remove(Events::new(&*old, EventSet::IN));
                 }
-                // Buffers may have been posted before activation reached us.
-                return QueueEvent::Process;
+                match ops.add(Events::new(&*active.notify, EventSet::IN)) {
+                    Ok(()) => self.watched = Some(active.notify.clone()),
+                    Err(e) => log::error!("{device}: cannot watch the queue: {e:?}"),
+                }
             }
-            return QueueEvent::Ignore;
+            // Buffers may have been posted before activation reached us.
+            return QueueEvent::Process;
         }
-        match self.active.as_ref() {
-            Some(active) if events.fd() == active.notify.as_raw_fd() => {
-                let _ = active.notify.read();
-                QueueEvent::Process
+        match self.watched.as_ref() {
+            Some(fd) if events.fd() == fd.as_raw_fd() => {
+                let _ = fd.read();
+                if self.active.is_some() {
+                    QueueEvent::Process
+                } else {
+                    QueueEvent::Ignore
+                }
             }
             _ => QueueEvent::Ignore,
         }
     }
 
     #[cfg(test)]
-    pub fn retired_count(&self) -> usize {
-        self.retired.len()
+    pub fn watched_count(&self) -> usize {
+        usize::from(self.watched.is_some())
     }
 }
-
 /// Implements `MutEventSubscriber` for a one-queue device whose `SingleQueue` is its field
 /// `queue` and whose `process_queue()` serves it; `$name` prefixes its log lines.
 macro_rules! single_queue_subscriber {

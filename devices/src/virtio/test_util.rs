@@ -1,23 +1,10 @@
 //! Test helpers shared by the virtio device tests.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::GuestMemoryMmap;
 
-use super::{InterruptKind, VirtioInterrupt};
-
-/// Counts the interrupts a device raised.
-#[derive(Default)]
-pub struct CountingInterrupt(pub AtomicUsize);
-
-impl VirtioInterrupt for CountingInterrupt {
-    fn trigger(&self, _kind: InterruptKind) -> std::io::Result<()> {
-        self.0.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-}
+pub use super::fake_driver::CountingInterrupt;
 
 /// A split-ring descriptor.
 pub fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {

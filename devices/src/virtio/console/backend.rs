@@ -3,10 +3,9 @@
 //! non-blocking, so neither the event loop nor a vCPU ever waits on a host peer.
 
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
@@ -134,26 +133,10 @@ pub(super) struct Sink {
 }
 
 impl Sink {
-    /// A new open file description for our stdout with O_NONBLOCK, so a slow terminal or
-    /// pipe reader never stalls the event loop, and without touching the flags of the
-    /// description we share with our parent. Falls back to a (blocking) duplicate where
-    /// /proc is missing or stdout is a socket.
+    /// Our stdout, non-blocking (see `host_stdout`).
     pub fn stdout() -> Result<Self, ConsoleError> {
-        let file = match OpenOptions::new()
-            .append(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open("/proc/self/fd/1")
-        {
-            Ok(file) => file,
-            Err(e) => {
-                log::info!("console: cannot reopen stdout non-blocking ({e}); writes may block");
-                let fd = io::stdout()
-                    .as_fd()
-                    .try_clone_to_owned()
-                    .map_err(ConsoleError::Stdout)?;
-                File::from(fd)
-            }
-        };
+        let file =
+            crate::host_stdout::nonblocking_stdout("console").map_err(ConsoleError::Stdout)?;
         Ok(Sink {
             file,
             registered: false,

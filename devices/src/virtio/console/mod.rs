@@ -30,6 +30,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::chain::{pop_chain, queue_in_memory};
 use super::{
     ActivateError, ActivatedQueue, InterruptKind, VirtioDevice, VirtioInterrupt, TYPE_CONSOLE,
     VIRTIO_F_VERSION_1,
@@ -218,9 +219,7 @@ struct Active {
     mem: Arc<GuestMemoryMmap>,
     interrupt: Arc<dyn VirtioInterrupt>,
     queues: Vec<Queue>,
-    notify: Vec<EventFd>,
-    /// The notify fds are in the event loop's epoll set.
-    registered: bool,
+    notify: Vec<Arc<EventFd>>,
     /// Queues with new used buffers since the last interrupt check.
     needs_irq: Vec<bool>,
 }
@@ -245,10 +244,9 @@ impl Active {
     fn pop(&mut self, index: usize) -> Option<DescriptorChain<Arc<GuestMemoryMmap>>> {
         let mem = self.mem.clone();
         // A queue the driver left disabled has nothing (and virtio-queue would log an error).
-        self.queues
-            .get_mut(index)
-            .filter(|q| q.ready())?
-            .pop_descriptor_chain(mem)
+        // VIRTIO_RING_F_INDIRECT_DESC is not offered, so never negotiated.
+        let queue = self.queues.get_mut(index).filter(|q| q.ready())?;
+        pop_chain(queue, mem, false)
     }
 
     /// Out of budget with work left: come back through the event loop, after other events.
@@ -272,8 +270,10 @@ pub struct Console {
     acked_features: u64,
     activate_evt: EventFd,
     active: Option<Active>,
-    /// Notify fds of a previous activation, still to be removed from epoll.
-    stale_notify: Vec<EventFd>,
+    /// The notify eventfds in the event loop's epoll set, by queue index. The transport hands
+    /// the same ones to every activation, so they stay watched across resets (a kick then is
+    /// read and ignored) and a reset/DRIVER_OK loop costs no fd and no epoll churn.
+    watched: Vec<Arc<EventFd>>,
     device_ready: bool,
     control_out: VecDeque<Vec<u8>>,
     scratch: Vec<u8>,
@@ -317,7 +317,7 @@ impl Console {
             acked_features: 0,
             activate_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(ConsoleError::EventFd)?,
             active: None,
-            stale_notify: Vec::new(),
+            watched: Vec::new(),
             device_ready: false,
             control_out: VecDeque::new(),
             scratch: vec![0; CHUNK],
@@ -351,20 +351,25 @@ impl Console {
     // ----- guest side -----
 
     fn on_activate_event(&mut self, ops: &mut EventOps) {
-        for fd in self.stale_notify.drain(..) {
-            // Fails harmlessly if the fd was never registered.
-            let _ = ops.remove(Events::new(&fd, EventSet::IN));
-        }
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.active.as_ref() else {
             return;
         };
-        if !active.registered {
+        let same = self.watched.len() == active.notify.len()
+            && self
+                .watched
+                .iter()
+                .zip(&active.notify)
+                .all(|(a, b)| Arc::ptr_eq(a, b));
+        if !same {
+            for fd in self.watched.drain(..) {
+                let _ = ops.remove(Events::new(&*fd, EventSet::IN));
+            }
             for (i, fd) in active.notify.iter().enumerate() {
-                if let Err(e) = ops.add(Events::with_data(fd, tag(TAG_QUEUE, i), EventSet::IN)) {
+                if let Err(e) = ops.add(Events::with_data(&**fd, tag(TAG_QUEUE, i), EventSet::IN)) {
                     log::error!("virtio-console: cannot watch queue {i}: {e:?}");
                 }
             }
-            active.registered = true;
+            self.watched = active.notify.clone();
         }
         // Kicks that came before we watched the queues, and host data that waited.
         self.process_control_tx();
@@ -375,11 +380,11 @@ impl Console {
     }
 
     fn on_queue_event(&mut self, index: usize) {
-        let Some(active) = self.active.as_ref() else {
-            return;
-        };
-        if let Some(fd) = active.notify.get(index) {
+        if let Some(fd) = self.watched.get(index) {
             let _ = fd.read();
+        }
+        if self.active.is_none() {
+            return;
         }
         match queue_role(index) {
             QueueRole::Rx(p) => self.fill_rx(p),
@@ -996,16 +1001,17 @@ fn send_chain(
         return TxProgress::Done(None);
     };
     let mut offset = pending.offset;
-    loop {
-        let Ok(mut reader) = pending.chain.clone().reader(mem) else {
-            return TxProgress::Done(None);
+    // One reader for the whole call: building one walks the chain, so not once per chunk.
+    let Ok(mut reader) = pending.chain.clone().reader(mem) else {
+        return TxProgress::Done(None);
+    };
+    if offset > 0 {
+        reader = match reader.split_at(offset) {
+            Ok(rest) => rest,
+            Err(_) => return TxProgress::Done(None),
         };
-        if offset > 0 {
-            reader = match reader.split_at(offset) {
-                Ok(rest) => rest,
-                Err(_) => return TxProgress::Done(None),
-            };
-        }
+    }
+    loop {
         let n = match reader.read(scratch) {
             Ok(0) | Err(_) => return TxProgress::Done(None),
             Ok(n) => n,
@@ -1163,12 +1169,9 @@ impl VirtioDevice for Console {
         }
         if let Some(index) = queues
             .iter()
-            .position(|q| q.queue.ready() && !q.queue.is_valid(&mem))
+            .position(|q| q.queue.ready() && !queue_in_memory(&q.queue, &mem))
         {
             return Err(ActivateError::InvalidQueue { index });
-        }
-        if let Some(old) = self.active.take() {
-            self.stale_notify.extend(old.notify);
         }
         let (queues, notify): (Vec<_>, Vec<_>) =
             queues.into_iter().map(|q| (q.queue, q.notify)).unzip();
@@ -1185,15 +1188,12 @@ impl VirtioDevice for Console {
             needs_irq: vec![false; queues.len()],
             queues,
             notify,
-            registered: false,
         });
         self.activate_evt.write(1).map_err(ActivateError::Wake)
     }
 
     fn reset(&mut self) -> bool {
-        if let Some(old) = self.active.take() {
-            self.stale_notify.extend(old.notify);
-        }
+        self.active = None;
         self.acked_features = 0;
         self.device_ready = false;
         self.control_out.clear();
@@ -1203,7 +1203,7 @@ impl VirtioDevice for Console {
             // Its buffer belongs to the old driver; host bytes still buffered stay for the next.
             port.tx_pending = None;
         }
-        // The event loop removes the old notify fds and stops reading for closed ports.
+        // The event loop stops reading for closed ports.
         if let Err(e) = self.activate_evt.write(1) {
             log::error!("virtio-console: cannot wake the event loop after reset: {e}");
         }

@@ -246,6 +246,7 @@ impl DriverQueue {
             .map_err(mem_err("clearing a ring"))?;
         let notify = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
         let kick = notify.try_clone().map_err(|e| format!("eventfd: {e}"))?;
+        let notify = Arc::new(notify);
         let driver = DriverQueue {
             size,
             desc: GuestAddress(desc),
