@@ -290,7 +290,8 @@ mod tests {
         let err = config_of(&["--cpus", "2"]).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "no guest kernel given: pass --kernel PATH or --config FILE"
+            "no guest kernel given: pass --kernel PATH or --config FILE (or --api-sock PATH to \
+             configure it over the API)"
         );
     }
 

@@ -83,7 +83,13 @@ fn every_route_through_the_lifecycle() {
         409,
         "already started",
     );
-    server.ok("PUT", "/logger", Some(r#"{"level":"info"}"#));
+    server.fails(
+        "PUT",
+        "/logger",
+        Some(r#"{"level":"info"}"#),
+        409,
+        "started",
+    );
 
     server.ok("PATCH", "/vm", Some(r#"{"state":"Paused"}"#));
     assert_eq!(server.state(), "Paused");

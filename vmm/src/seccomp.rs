@@ -199,7 +199,9 @@ fn prepare_allocator() {
     }
 }
 
-fn install_sigsys_handler() -> Result<(), SeccompError> {
+/// Once per process, before any thread is filtered: the SIGSYS reporter and the allocator's
+/// lazy set-up. `apply` calls it too; calling it first thing keeps every thread covered.
+pub fn prepare_process() -> Result<(), SeccompError> {
     static INSTALL: Once = Once::new();
     let mut result = Ok(());
     INSTALL.call_once(|| {
@@ -239,7 +241,7 @@ pub fn apply(filters: &SeccompFilters, name: &str) -> Result<(), SeccompError> {
     let program = filters
         .get(name)
         .ok_or_else(|| SeccompError::Missing(name.into()))?;
-    install_sigsys_handler()?;
+    prepare_process()?;
     remember_thread_name();
     seccompiler::apply_filter(program).map_err(|source| SeccompError::Install {
         name: name.into(),

@@ -147,6 +147,7 @@ impl Vmm {
             // SAFETY: fd 0 is open and from here on owned by the console input alone.
             .then(|| unsafe { OwnedFd::from_raw_fd(0) });
         let filters = Arc::new(SeccompFilters::builtin()?);
+        seccomp::prepare_process()?;
         let signals = TerminationSignals::new()?;
         let exit = Arc::new(ExitNotifier::new().map_err(setup("the exit event"))?);
         let control = Epoll::new().map_err(setup("the control epoll"))?;

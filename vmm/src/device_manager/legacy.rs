@@ -1,12 +1,12 @@
 //! The legacy devices on the PIO bus: COM1 (8250), the i8042 (reset line) and the ACPI
 //! sleep/reset register.
 
-use std::fs::OpenOptions;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use api::SerialConfig;
-use devices::legacy::{AcpiPowerDevice, Serial, I8042};
+use devices::host_files;
+use devices::legacy::{AcpiPowerDevice, OutputLimits, Serial, SerialOutput, I8042};
 use devices::{Bus, ExitNotifier};
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
@@ -14,21 +14,18 @@ use vmm_sys_util::eventfd::EventFd;
 use super::DeviceError;
 use crate::arch::x86_64::layout;
 
+/// Where COM1's bytes go. Never blocks the vCPU that writes them: stdout is reopened
+/// non-blocking with a bounded buffer, a file is capped in size and rate.
 fn serial_output(config: &SerialConfig) -> Result<Box<dyn Write + Send>, DeviceError> {
     Ok(match config {
-        SerialConfig::Stdout => Box::new(std::io::stdout()),
+        SerialConfig::Stdout => {
+            Box::new(SerialOutput::stdout().map_err(DeviceError::SerialStdout)?)
+        }
         SerialConfig::Off => Box::new(std::io::sink()),
-        SerialConfig::File(path) => Box::new(
-            OpenOptions::new()
-                .create(true)
-                .write(true)
-                .truncate(true)
-                .open(path)
-                .map_err(|source| DeviceError::SerialFile {
-                    path: path.clone(),
-                    source,
-                })?,
-        ),
+        SerialConfig::File(path) => Box::new(SerialOutput::new(
+            host_files::open_output("serial output", path)?,
+            OutputLimits::FILE,
+        )),
     })
 }
 

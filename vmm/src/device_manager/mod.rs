@@ -45,11 +45,10 @@ pub enum DeviceError {
     VirtioPci(#[from] virtio_pci::VirtioPciError),
     #[error("PCI: {0}")]
     Pci(#[from] devices::pci::root::PciRootError),
-    #[error("cannot open serial output {}: {source}", path.display())]
-    SerialFile {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    HostFile(#[from] devices::host_files::HostFileError),
+    #[error("serial output to stdout: {0}")]
+    SerialStdout(std::io::Error),
     #[error(transparent)]
     Rng(#[from] devices::virtio::rng::RngError),
     #[error(transparent)]
