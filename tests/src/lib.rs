@@ -286,3 +286,58 @@ pub fn run_to_exit<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (ExitStatus, String
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Connects to a unix socket chapeau listens on, waiting up to `timeout` for it to appear.
+pub fn connect(path: &Path, timeout: Duration) -> std::os::unix::net::UnixStream {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(stream) => return stream,
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(e) => panic!("connect {}: {e}", path.display()),
+        }
+    }
+}
+
+/// Reads exactly `len` bytes, failing the test after `timeout` without them.
+pub fn read_exactly(
+    stream: &mut std::os::unix::net::UnixStream,
+    len: usize,
+    timeout: Duration,
+) -> Vec<u8> {
+    stream.set_read_timeout(Some(timeout)).unwrap();
+    let mut got = vec![0u8; len];
+    stream.read_exact(&mut got).expect("echo from the guest");
+    got
+}
+
+/// One HTTP request to chapeau's API socket through curl (a real HTTP client): the status and
+/// the body.
+pub fn api_call(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut command = Command::new("curl");
+    command
+        .args(["-sS", "--max-time", "30", "--unix-socket"])
+        .arg(socket)
+        .args(["-X", method, "-w", "\n%{http_code}"]);
+    if let Some(body) = body {
+        command.args([
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            body,
+        ]);
+    }
+    command.arg(format!("http://localhost{path}"));
+    let out = command.output().expect("run curl (apt-get install curl)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
+    let status = code.trim().parse().unwrap_or_else(|_| {
+        panic!(
+            "{method} {path}: no HTTP status from curl: {text:?} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (status, body.to_string())
+}

@@ -1,10 +1,9 @@
 //! virtio-pci devices on the real guest: rng and the multiport console. Two boots, many checks.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::time::{Duration, Instant};
+use std::io::Write;
+use std::time::Duration;
 
-use tests::{boot_timeout, guest_file, initramfs, scratch_dir, Vm};
+use tests::{boot_timeout, connect, guest_file, initramfs, read_exactly, scratch_dir, Vm};
 
 const AGENT_PORT: &str = "agent.channel.0";
 
@@ -59,24 +58,6 @@ fn console_on_stdout_rng_and_named_port_on_pci() {
     vm.wait_for("GUEST_ACTION=poweroff", timeout);
     let status = vm.wait_exit(Duration::from_secs(300));
     assert!(status.success(), "{status:?}\n{}", vm.stderr());
-}
-
-fn connect(path: &std::path::Path, timeout: Duration) -> UnixStream {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match UnixStream::connect(path) {
-            Ok(stream) => return stream,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => panic!("connect {}: {e}", path.display()),
-        }
-    }
-}
-
-fn read_exactly(stream: &mut UnixStream, len: usize, timeout: Duration) -> Vec<u8> {
-    stream.set_read_timeout(Some(timeout)).unwrap();
-    let mut got = vec![0u8; len];
-    stream.read_exact(&mut got).expect("echo from the guest");
-    got
 }
 
 /// The agent port's contract: bytes sent before the guest opened the port arrive once it does,

@@ -1,0 +1,364 @@
+//! The REST API on a unix socket, through a real HTTP client (curl): configure the test guest
+//! with every device kind, boot it, pause it and show nothing runs, resume it, stop it; every
+//! bad request gets its code and message while the server keeps serving; nothing of the VMM is
+//! left afterwards.
+
+use std::io::Write;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tests::{
+    api_call, boot_timeout, connect, guest_file, initramfs, read_exactly, scratch_dir, Vm,
+};
+
+const AGENT_PORT: &str = "agent.channel.0";
+
+/// A fresh directory for one test's sockets and files.
+fn test_dir(name: &str) -> PathBuf {
+    let dir = scratch_dir().join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn wait_for_file(path: &Path, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Asserts a request's status, and that the body contains `needle`.
+fn expect(sock: &Path, method: &str, path: &str, body: Option<&str>, status: u16, needle: &str) {
+    let (got, text) = api_call(sock, method, path, body);
+    assert_eq!(got, status, "{method} {path} {body:?}: {text}");
+    assert!(
+        text.contains(needle),
+        "{method} {path}: {needle:?} not in {text}"
+    );
+}
+
+fn ok(sock: &Path, method: &str, path: &str, body: &str) {
+    expect(sock, method, path, Some(body), 204, "");
+}
+
+fn state(sock: &Path) -> String {
+    let (status, body) = api_call(sock, "GET", "/", None);
+    assert_eq!(status, 200, "{body}");
+    let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+    info["state"].as_str().unwrap_or_default().to_string()
+}
+
+fn exits_total(sock: &Path) -> u64 {
+    let (status, body) = api_call(sock, "GET", "/metrics", None);
+    assert_eq!(status, 200, "{body}");
+    let metrics: serde_json::Value = serde_json::from_str(&body).unwrap();
+    metrics["vcpu_exits"]["total"]
+        .as_u64()
+        .expect("vcpu_exits.total")
+}
+
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+fn thread_seccomp_modes(pid: u32) -> Vec<(String, String)> {
+    let mut threads: Vec<(String, String)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .map(|task| {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            let mode = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Seccomp:"))
+                .unwrap_or("?")
+                .trim()
+                .to_string();
+            (comm.trim().to_string(), mode)
+        })
+        // KVM's own worker thread in our process is KVM's, not ours.
+        .filter(|(comm, _)| !comm.starts_with("kvm-"))
+        .collect();
+    threads.sort();
+    threads
+}
+
+/// Requests that must be refused before anything is configured, each with its code and a
+/// message that names what was wrong.
+fn bad_requests_before_boot(sock: &Path) {
+    expect(sock, "GET", "/nowhere", None, 404, "/nowhere");
+    expect(sock, "DELETE", "/machine-config", None, 405, "");
+    expect(
+        sock,
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpus": 1, "memory": 128}"#),
+        400,
+        "unknown field `memory`",
+    );
+    expect(
+        sock,
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpus": "two"}"#),
+        400,
+        "vcpus",
+    );
+    expect(
+        sock,
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpus": 0}"#),
+        400,
+        "machine.vcpus",
+    );
+    expect(sock, "PUT", "/boot-source", Some("{not json"), 400, "");
+    expect(
+        sock,
+        "PUT",
+        "/ports/..",
+        Some(r#"{"socket": "/tmp/x.sock"}"#),
+        400,
+        "port name",
+    );
+    let huge = format!(r#"{{"kernel": "{}"}}"#, "k".repeat(100_000));
+    expect(sock, "PUT", "/boot-source", Some(&huge), 413, "65536");
+    expect(
+        sock,
+        "PATCH",
+        "/vm",
+        Some(r#"{"state": "Paused"}"#),
+        409,
+        "not running",
+    );
+    expect(
+        sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+        400,
+        "no boot source",
+    );
+    expect(
+        sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "Reboot"}"#),
+        400,
+        "InstanceStart",
+    );
+    assert_eq!(state(sock), "Not started", "the server kept serving");
+}
+
+/// The whole lifecycle through the API, with the console, a named port, rng and an NVDIMM.
+#[test]
+fn configure_boot_pause_resume_and_shut_down_through_the_api() {
+    let dir = test_dir("api-lifecycle");
+    let sock = dir.join("api.sock");
+    let agent = dir.join("agent.sock");
+    let hvc0 = dir.join("hvc0.log");
+    let metrics = dir.join("metrics.json");
+    let mut vm = Vm::start(&[
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--id",
+        "api-test-vm",
+        "--log-level",
+        "info",
+    ]);
+    wait_for_file(&sock, Duration::from_secs(10));
+    let (status, body) = api_call(&sock, "GET", "/", None);
+    assert_eq!(status, 200);
+    assert!(body.contains(r#""id":"api-test-vm""#), "{body}");
+    assert!(body.contains(r#""state":"Not started""#), "{body}");
+
+    bad_requests_before_boot(&sock);
+
+    ok(
+        &sock,
+        "PUT",
+        "/machine-config",
+        r#"{"vcpus": 1, "memory_mib": 256}"#,
+    );
+    ok(
+        &sock,
+        "PUT",
+        "/boot-source",
+        &serde_json::json!({
+            "kernel": guest_file("vmlinux"),
+            "initrd": initramfs(),
+            "cmdline": "console=hvc0 reboot=k panic=1 test=echo-port",
+        })
+        .to_string(),
+    );
+    ok(&sock, "PUT", "/serial", r#""off""#);
+    ok(
+        &sock,
+        "PUT",
+        "/console",
+        &serde_json::json!({ "file": hvc0 }).to_string(),
+    );
+    ok(
+        &sock,
+        "PUT",
+        &format!("/ports/{AGENT_PORT}"),
+        &serde_json::json!({ "socket": agent }).to_string(),
+    );
+    ok(&sock, "PUT", "/rng", "{}");
+    ok(
+        &sock,
+        "PUT",
+        "/pmem/rootfs",
+        &serde_json::json!({ "file": guest_file("kata-rootfs.img"), "readonly": true }).to_string(),
+    );
+    ok(&sock, "PUT", "/logger", r#"{"level": "info"}"#);
+    ok(
+        &sock,
+        "PUT",
+        "/metrics",
+        &serde_json::json!({ "metrics_path": metrics, "interval_s": 1 }).to_string(),
+    );
+    let (_, config) = api_call(&sock, "GET", "/vm/config", None);
+    assert!(
+        config.contains(AGENT_PORT) && config.contains("kata-rootfs.img"),
+        "{config}"
+    );
+
+    ok(
+        &sock,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "InstanceStart"}"#,
+    );
+    assert_eq!(state(&sock), "Running");
+    expect(&sock, "PUT", "/rng", Some("{}"), 409, "rng");
+    expect(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+        409,
+        "already started",
+    );
+    expect(
+        &sock,
+        "PATCH",
+        "/vm",
+        Some(r#"{"state": "Resumed"}"#),
+        409,
+        "not paused",
+    );
+
+    // Every thread is ours, named, and filtered.
+    let threads = thread_seccomp_modes(vm.pid());
+    assert_eq!(
+        threads,
+        [("api", "2"), ("vcpu0", "2"), ("vmm", "2")].map(|(t, m)| (t.to_string(), m.to_string())),
+    );
+
+    // The agent port echoes once the guest is up.
+    let mut client = connect(&agent, Duration::from_secs(30));
+    client.write_all(b"before-pause\n").unwrap();
+    assert_eq!(
+        read_exactly(&mut client, 13, boot_timeout()),
+        b"before-pause\n"
+    );
+
+    // Paused: no vCPU exits, no console output, no echo.
+    ok(&sock, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+    assert_eq!(state(&sock), "Paused");
+    expect(
+        &sock,
+        "PATCH",
+        "/vm",
+        Some(r#"{"state": "Paused"}"#),
+        409,
+        "not running",
+    );
+    let exits = exits_total(&sock);
+    let console = file_len(&hvc0);
+    client.write_all(b"while-paused\n").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    assert!(
+        std::io::Read::read(&mut client, &mut byte).is_err(),
+        "the guest echoed while paused"
+    );
+    assert_eq!(exits_total(&sock), exits, "vCPUs ran while paused");
+    assert_eq!(file_len(&hvc0), console, "the console wrote while paused");
+
+    // Resumed: what was sent meanwhile comes back.
+    ok(&sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    assert_eq!(state(&sock), "Running");
+    assert_eq!(
+        read_exactly(&mut client, 13, Duration::from_secs(120)),
+        b"while-paused\n"
+    );
+    assert!(exits_total(&sock) > exits);
+
+    ok(&sock, "PUT", "/actions", r#"{"action_type": "Shutdown"}"#);
+    let status = vm.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}\n{}", vm.stderr());
+    assert!(
+        vm.stderr().contains("VM ended (Stopped)"),
+        "{}",
+        vm.stderr()
+    );
+
+    // Nothing left behind but what we asked for: the sockets are gone, the metrics written.
+    let left: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let mut left = left;
+    left.sort();
+    assert_eq!(left, ["hvc0.log", "metrics.json"], "files left in {dir:?}");
+    let flushed = std::fs::read_to_string(&metrics).unwrap();
+    let last: serde_json::Value =
+        serde_json::from_str(flushed.lines().last().expect("a metrics line")).unwrap();
+    assert!(last["vcpu_exits"]["total"].as_u64().unwrap() > 0, "{last}");
+    assert!(!Path::new(&format!("/proc/{}", vm.pid())).exists());
+}
+
+/// A live API socket is never taken over; a stale one is replaced and said so.
+#[test]
+fn a_live_api_socket_is_refused_and_a_stale_one_replaced() {
+    let dir = test_dir("api-socket");
+    let sock = dir.join("api.sock");
+    let live = UnixListener::bind(&sock).unwrap();
+    let (status, _, stderr) = tests::run_to_exit(&["--api-sock", sock.to_str().unwrap()]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("api.sock") && stderr.contains("listen"),
+        "{stderr}"
+    );
+    assert!(sock.exists(), "the live socket must stay");
+    drop(live);
+
+    // Now nobody listens: a leftover of a crashed run.
+    let mut vm = Vm::start(&["--api-sock", sock.to_str().unwrap()]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while api_call_status(&sock) != Some(200) {
+        assert!(Instant::now() < deadline, "{}", vm.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(vm.stderr().contains("stale"), "{}", vm.stderr());
+    vm.signal(libc::SIGTERM);
+    assert!(vm.wait_exit(Duration::from_secs(10)).success());
+    assert!(!sock.exists(), "the API socket must be removed at exit");
+}
+
+fn api_call_status(sock: &Path) -> Option<u16> {
+    std::os::unix::net::UnixStream::connect(sock).ok()?;
+    Some(api_call(sock, "GET", "/", None).0)
+}
