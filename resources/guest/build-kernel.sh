@@ -52,6 +52,18 @@ for p in "${PATCHES[@]}"; do
   fi
 done
 
+# The tools/ build (objtool) records absolute paths in its .cmd files. In a work tree copied or
+# moved from elsewhere they would differ, objtool would be rebuilt and, as every kernel object
+# depends on the objtool binary, so would the whole kernel. Point the records at this tree:
+# objtool's output does not depend on where it was built, so results stay byte-identical.
+built_in=$(sed -n 's|.*-Wp,-MD,\(/[^ ]*\)/tools/objtool/.*|\1|p' tools/objtool/.weak.o.cmd 2>/dev/null | head -n1)
+if [ -n "$built_in" ] && [ "$built_in" != "$PWD" ]; then
+  echo "work tree moved from $built_in: updating objtool's build records"
+  { grep -rlF --include='.*.cmd' "$built_in" tools || true; } | while read -r f; do
+    sed -i "s|$built_in|$PWD|g" "$f"
+  done
+fi
+
 # Configure into a scratch file first so an unchanged config keeps .config's mtime (no rebuild).
 cp .config .config.prev 2>/dev/null || true
 make -s x86_64_defconfig

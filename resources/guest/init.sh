@@ -158,6 +158,26 @@ forever() { while :; do sleep 3600; done; }
 # busybox poweroff/reboot -f call sync() themselves
 do_poweroff() { poweroff -f; forever; }
 
+# The power button (the VMM's SendCtrlAltDel, QEMU's system_powerdown): Linux's ACPI button driver
+# reports it as a key on the input device "Power Button". Its evdev node is opened here, before
+# returning, so a press from now on is queued even if the reader has not run yet; one event
+# (24 bytes: evdev refuses shorter reads) then prints GUEST_POWER_BUTTON=pressed and powers off.
+watch_power_button() {
+  for i in /sys/class/input/input*; do
+    [ -e "$i/name" ] || continue
+    n=""; read -r n <"$i/name"
+    [ "$n" = "Power Button" ] || continue
+    for e in "$i"/event*; do
+      dev=/dev/input/${e##*/}
+      [ -c "$dev" ] || continue
+      # (a failed `exec 3<` would end this shell, PID 1; a group's redirection only fails it)
+      { ( dd bs=24 count=1 of=/dev/null <&3 2>/dev/null; echo "GUEST_POWER_BUTTON=pressed"; do_poweroff ) & } 3<"$dev" || continue
+      return 0
+    done
+  done
+  return 1
+}
+
 echo_loop() {
   port=/dev/virtio-ports/agent.channel.0
   while :; do
@@ -210,6 +230,10 @@ net_up() {
 }
 
 # --- actions ---
+# Modes that stay up power off when the power button is pressed.
+case "$MODE" in
+  hang|wait|shell|echo-port|perf-echo|net) watch_power_button || POWER_BUTTON=none ;;
+esac
 case "$MODE" in
   poweroff|"")
     echo "GUEST_ACTION=poweroff"
@@ -224,6 +248,12 @@ case "$MODE" in
     forever ;;
   hang)
     echo "GUEST_ACTION=hang"
+    forever ;;
+  wait)
+    # waits for the power button (GUEST_POWER_BUTTON=pressed, then power-off); says first if
+    # there is none, so whoever waits for GUEST_ACTION=wait knows
+    [ -z "${POWER_BUTTON:-}" ] || echo "GUEST_POWER_BUTTON=none"
+    echo "GUEST_ACTION=wait"
     forever ;;
   shell)
     echo "GUEST_ACTION=shell"

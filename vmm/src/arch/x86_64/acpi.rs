@@ -6,6 +6,10 @@
 //! SLP_TYP taken from the DSDT's `\_S5_` package, and resets by writing RESET_VALUE to RESET_REG
 //! (the same byte). That is one tiny device instead of a PIIX4/ICH9 PM block.
 //!
+//! Events the other way (the power button) go through a Generic Event Device (`ACPI0013`, served
+//! by `devices::legacy::AcpiGed`): its interrupt runs the DSDT's `_EVT`, which reads the event
+//! status and notifies `\_SB_.PWRB`.
+//!
 //! Tables are built in host memory with the `acpi_tables` crate, placed contiguously (8-byte
 //! aligned) from `ACPI_TABLES_START`, checked to fit below `ACPI_AREA_END` (which the E820 map
 //! reserves), and only then written into guest memory.
@@ -19,6 +23,7 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{Aml, AmlSink};
+use devices::legacy::{ACPI_GED_EVENT_POWER_BUTTON, ACPI_GED_LEN};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::layout;
@@ -59,7 +64,7 @@ const _: () = assert!(layout::ACPI_TABLES_START & (TABLE_ALIGN - 1) == 0);
 const _: () = assert!(layout::IOAPIC_ADDR <= u32::MAX as u64);
 const _: () = assert!(layout::LAPIC_ADDR <= u32::MAX as u64);
 // An ISA IRQ (the IRQNoFlags mask is 16 bits) and a 3-bit SLP_TYP.
-const _: () = assert!(layout::COM1_IRQ < 16);
+const _: () = assert!(layout::COM1_IRQ < 16 && layout::I8042_KEYBOARD_IRQ < 16);
 const _: () = assert!(layout::ACPI_S5_SLEEP_TYPE < 8);
 
 #[derive(Debug, thiserror::Error)]
@@ -436,6 +441,54 @@ fn isa_device(sink: &mut dyn AmlSink, name: &str, hid: &str, resources: Vec<&dyn
     aml::Device::new(name.into(), vec![&hid, &uid, &crs]).to_aml_bytes(sink);
 }
 
+/// ACPI notification value for a button device: the button was pressed.
+const NOTIFY_BUTTON_PRESSED: u8 = 0x80;
+
+/// `\_SB_.PWRB`, the power button: Linux's ACPI button driver binds to `PNP0C0C` and, notified
+/// with 0x80, reports KEY_POWER from its "Power Button" input device. `\_SB_.GED_`, the Generic
+/// Event Device that notifies it: Linux's GED driver runs `_EVT` on each edge of the GED's
+/// interrupt; `_EVT` reads the event status register (reading clears it) and notifies the
+/// device of each set bit.
+fn power_button_and_ged(sink: &mut dyn AmlSink) {
+    let hid = aml::EISAName::new("PNP0C0C");
+    let hid = aml::Name::new("_HID".into(), &hid);
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    aml::Device::new("PWRB".into(), vec![&hid, &uid]).to_aml_bytes(sink);
+
+    let hid = aml::Name::new("_HID".into(), &"ACPI0013");
+    // Only interrupts may appear in a GED's _CRS (Linux gives up on the device otherwise).
+    let irq = aml::Interrupt::new(true, true, false, false, layout::ACPI_GED_IRQ);
+    let crs = aml::ResourceTemplate::new(vec![&irq]);
+    let crs = aml::Name::new("_CRS".into(), &crs);
+    let port = usize::from(layout::ACPI_GED_PORT);
+    let len = ACPI_GED_LEN as usize;
+    let region = aml::OpRegion::new("GDST".into(), aml::OpRegionSpace::SystemIO, &port, &len);
+    let field = aml::Field::new(
+        "GDST".into(),
+        aml::FieldAccessType::Byte,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![aml::FieldEntry::Named(*b"GDAT", 8)],
+    );
+    // Local0 = GDAT; Local1 = Local0 & POWER_BUTTON; If (Local1 == POWER_BUTTON) { Notify }
+    let status = aml::Path::new("GDAT");
+    let read_status = aml::Store::new(&aml::Local(0), &status);
+    let pressed = aml::And::new(&aml::Local(1), &aml::Local(0), &ACPI_GED_EVENT_POWER_BUTTON);
+    let is_pressed = aml::Equal::new(&aml::Local(1), &ACPI_GED_EVENT_POWER_BUTTON);
+    let button = aml::Path::new("\\_SB_.PWRB");
+    let notify = aml::Notify::new(&button, &NOTIFY_BUTTON_PRESSED);
+    let if_pressed = aml::If::new(&is_pressed, vec![&notify]);
+    // Serialized: two interrupts' _EVT never interleave their reads of the register.
+    let evt = aml::Method::new(
+        "_EVT".into(),
+        1,
+        true,
+        vec![&read_status, &pressed, &if_pressed],
+    );
+    aml::Device::new("GED_".into(), vec![&hid, &uid, &crs, &region, &field, &evt])
+        .to_aml_bytes(sink);
+}
+
 /// `\_SB_.PCI0`, the PCI host bridge: bus 0 only, the config ports, and the two BAR windows.
 /// Linux keeps the BARs we assigned because they lie inside these windows. No _PRT: our
 /// devices interrupt through MSI-X only.
@@ -493,8 +546,8 @@ fn dsdt_body(pci_mmio64: Option<(u64, u64)>, nvdimms: usize) -> Vec<u8> {
             &IrqNoFlags(layout::COM1_IRQ as u8),
         ],
     );
-    // The PS/2 controller: an i8042 whose CPU-reset command ends the VM (`reboot=k`). No keyboard
-    // sits behind it, so it claims no IRQ.
+    // The PS/2 controller: an i8042 whose CPU-reset command ends the VM (`reboot=k`), with a
+    // keyboard that can type Ctrl-Alt-Del.
     isa_device(
         &mut system_bus,
         "KBD_",
@@ -502,8 +555,10 @@ fn dsdt_body(pci_mmio64: Option<(u64, u64)>, nvdimms: usize) -> Vec<u8> {
         vec![
             &fixed_io(layout::I8042_DATA_PORT, 1),
             &fixed_io(layout::I8042_COMMAND_PORT, 1),
+            &IrqNoFlags(layout::I8042_KEYBOARD_IRQ as u8),
         ],
     );
+    power_button_and_ged(&mut system_bus);
     if let Some(mmio64) = pci_mmio64 {
         pci_host_bridge(&mut system_bus, mmio64);
         // Motherboard resources: the ECAM window. Linux uses MMCONFIG only where firmware
@@ -808,11 +863,34 @@ mod tests {
             dsdt,
             &[0x47, 1, 0xf8, 0x03, 0xf8, 0x03, 1, 8, 0x22, 0x10, 0x00]
         ));
-        // IO (Decode16, 0x60, 0x60, 1, 1) and 0x64.
+        // IO (Decode16, 0x60, 0x60, 1, 1) and 0x64, then IRQNoFlags () {1}.
         assert!(contains(
             dsdt,
-            &[0x47, 1, 0x60, 0, 0x60, 0, 1, 1, 0x47, 1, 0x64, 0, 0x64, 0, 1, 1]
+            &[0x47, 1, 0x60, 0, 0x60, 0, 1, 1, 0x47, 1, 0x64, 0, 0x64, 0, 1, 1, 0x22, 2, 0]
         ));
+    }
+
+    #[test]
+    fn dsdt_has_the_power_button_and_the_generic_event_device() {
+        let tables = build(1);
+        let (_, dsdt) = &tables.dsdt;
+        // The power button's EISA id PNP0C0C, compressed.
+        assert!(contains(dsdt, b"PWRB"));
+        assert!(contains(dsdt, &[0x0c, 0x41, 0xd0, 0x0c, 0x0c]));
+        assert!(contains(dsdt, b"ACPI0013\0"));
+        // Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) {5}.
+        assert!(contains(
+            dsdt,
+            &[0x89, 6, 0, 0b0011, 1, layout::ACPI_GED_IRQ as u8, 0, 0, 0]
+        ));
+        // OperationRegion (GDST, SystemIO, 0x602, One).
+        let [lo, hi] = layout::ACPI_GED_PORT.to_le_bytes();
+        assert!(contains(
+            dsdt,
+            &[0x5b, 0x80, b'G', b'D', b'S', b'T', 1, 0x0b, lo, hi, 1]
+        ));
+        // Notify (\_SB_.PWRB, 0x80).
+        assert!(contains(dsdt, b"\x86\\\x2e_SB_PWRB\x0a\x80"));
     }
 
     #[test]
@@ -996,6 +1074,16 @@ mod tests {
             "Subtable Type : 0001 [Memory Range Map]",
             "Device not armed : 1",
             "Subtable Type : 0004 [NVDIMM Control Region]",
+            "IRQNoFlags ()\n                    {1}",
+            "EisaId (\"PNP0C0C\") /* Power Button Device */",
+            "Name (_HID, \"ACPI0013\" /* Generic Event Device */)",
+            "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, )",
+            "0x00000005,",
+            "Local0 = GDAT /* \\_SB_.GED_.GDAT */",
+            "If ((Local1 == One))",
+            "OperationRegion (GDST, SystemIO, 0x0602, One)",
+            "Method (_EVT, 1, Serialized)",
+            "Notify (\\_SB.PWRB, 0x80) // Status Change",
         ] {
             assert!(
                 decoded.contains(expected),

@@ -79,6 +79,8 @@ pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
 pub const I8042_DATA_PORT: u16 = 0x60;
 pub const I8042_COMMAND_PORT: u16 = 0x64;
+/// The keyboard's interrupt, as on every PC.
+pub const I8042_KEYBOARD_IRQ: u32 = 1;
 /// Hardware-reduced ACPI: FADT's SLEEP_CONTROL_REG (write) and RESET_REG both point here,
 /// SLEEP_STATUS_REG is the next byte.
 pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x600;
@@ -87,6 +89,11 @@ pub const ACPI_SLEEP_STATUS_PORT: u16 = 0x601;
 pub const ACPI_RESET_VALUE: u8 = 1;
 /// SLP_TYP we advertise for S5 in the DSDT `_S5_` package.
 pub const ACPI_S5_SLEEP_TYPE: u8 = 5;
+/// The ACPI Generic Event Device's event status register (one byte, after the sleep registers)
+/// and its interrupt: an ISA IRQ no PC device claims (and no other chapeau device uses),
+/// edge-triggered, active high, as ISA IRQs are without an interrupt source override.
+pub const ACPI_GED_PORT: u16 = 0x602;
+pub const ACPI_GED_IRQ: u32 = 5;
 
 /// The RAM regions (start, length) for a guest with `mem_size` bytes of memory: below the
 /// 32-bit MMIO hole first, the rest above 4 GiB.
@@ -134,6 +141,9 @@ const _: () = assert!(PCI_MMIO32_START >= MMIO_HOLE_START);
 const _: () = assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_MMCONFIG_START);
 const _: () = assert!(PCI_MMCONFIG_START + PCI_MMCONFIG_SIZE <= IOAPIC_ADDR);
 const _: () = assert!(PCI_MMCONFIG_START.is_multiple_of(PCI_MMCONFIG_SIZE));
+// The GED register follows the two sleep/reset bytes; the legacy IRQs differ.
+const _: () = assert!(ACPI_GED_PORT > ACPI_SLEEP_STATUS_PORT);
+const _: () = assert!(ACPI_GED_IRQ != COM1_IRQ && ACPI_GED_IRQ != I8042_KEYBOARD_IRQ);
 
 #[cfg(test)]
 mod tests {
