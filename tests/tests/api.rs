@@ -362,3 +362,49 @@ fn api_call_status(sock: &Path) -> Option<u16> {
     std::os::unix::net::UnixStream::connect(sock).ok()?;
     Some(api_call(sock, "GET", "/", None).0)
 }
+
+/// `SendCtrlAltDel` presses the ACPI power button: the test guest's init (`test=wait`) answers
+/// it with a power-off, and chapeau exits 0. The VM here boots from flags at start, with the API
+/// served beside it.
+#[test]
+fn send_ctrl_alt_del_powers_the_guest_off() {
+    let dir = test_dir("api-ctrl-alt-del");
+    let sock = dir.join("api.sock");
+    let kernel = guest_file("vmlinux");
+    let initrd = initramfs();
+    let mut vm = Vm::start(&[
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--cmdline",
+        &format!("{} test=wait", tests::BASE_CMDLINE),
+        "--memory",
+        "128",
+    ]);
+    wait_for_file(&sock, Duration::from_secs(10));
+    assert_eq!(state(&sock), "Running");
+    vm.wait_for("GUEST_ACTION=wait", boot_timeout());
+    assert!(
+        !vm.stdout().contains("GUEST_POWER_BUTTON=none"),
+        "the guest found no power button:\n{}",
+        vm.stdout()
+    );
+    ok(
+        &sock,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "SendCtrlAltDel"}"#,
+    );
+    vm.wait_for("GUEST_POWER_BUTTON=pressed", boot_timeout());
+    let status = vm.wait_exit(boot_timeout());
+    assert!(status.success(), "power-off must exit 0: {status:?}");
+    assert!(
+        vm.stderr().is_empty() || !vm.stderr().contains("ERROR"),
+        "{}",
+        vm.stderr()
+    );
+    assert!(!sock.exists(), "the API socket must be removed at exit");
+}

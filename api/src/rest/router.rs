@@ -140,8 +140,20 @@ impl Body<'_> {
             None | Some([]) => Err(HttpError::BadRequest(format!(
                 "{path} needs a JSON body (Content-Length and the JSON document)"
             ))),
-            Some(bytes) => serde_json::from_slice(bytes)
-                .map_err(|e| HttpError::BadRequest(format!("invalid body for {path}: {e}"))),
+            Some(bytes) => {
+                // serde_path_to_error names the field a wrong type or value is in, which
+                // serde_json's own message does not.
+                let mut json = serde_json::Deserializer::from_slice(bytes);
+                serde_path_to_error::deserialize(&mut json).map_err(|e| {
+                    let field = e.path().to_string();
+                    let inner = e.into_inner();
+                    HttpError::BadRequest(if field == "." {
+                        format!("invalid body for {path}: {inner}")
+                    } else {
+                        format!("invalid body for {path}: {field}: {inner}")
+                    })
+                })
+            }
         }
     }
 }

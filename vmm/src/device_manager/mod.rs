@@ -10,7 +10,7 @@ pub mod pmem;
 use std::sync::{Arc, Mutex};
 
 use api::{ConsoleConfig, PmemModel, VmConfig};
-use devices::legacy::Serial;
+use devices::legacy::{AcpiGed, Serial, I8042};
 use devices::pci::virtio_pci;
 use devices::readonly_memory::ReadOnlyMemory;
 use devices::virtio::console::{Console, ConsoleOutput, NamedPort};
@@ -109,6 +109,8 @@ fn console_device(config: &VmConfig) -> Result<Console, DeviceError> {
 pub struct DeviceManager {
     pio: Arc<Bus>,
     serial: Arc<Mutex<Serial>>,
+    ged: Arc<Mutex<AcpiGed>>,
+    i8042: Arc<Mutex<I8042>>,
     pci: PciDevices,
     /// Mapped images; the mappings must outlive the VM's memory slots.
     _pmem: Vec<PmemRegion>,
@@ -125,7 +127,8 @@ impl DeviceManager {
         exit: &Arc<ExitNotifier>,
         pmem: Vec<PmemRegion>,
     ) -> Result<Self, DeviceError> {
-        let (pio, serial) = legacy::legacy_devices(vm, &config.serial, exit)?;
+        let legacy = legacy::legacy_devices(vm, &config.serial, exit)?;
+        let pio = legacy.pio;
         let mut pci = PciDevices::new(vm.clone(), mem, config.machine.memory_mib << 20)?;
         if wants_pci(config) {
             pci.attach_pci(&pio)?;
@@ -153,7 +156,9 @@ impl DeviceManager {
         }
         Ok(Self {
             pio: Arc::new(pio),
-            serial,
+            serial: legacy.serial,
+            ged: legacy.ged,
+            i8042: legacy.i8042,
             pci,
             _pmem: pmem,
         })
@@ -206,12 +211,24 @@ impl DeviceManager {
         })
     }
 
-    /// Asks the guest to shut down (`SendCtrlAltDel`).
-    pub fn request_shutdown(&self) -> std::io::Result<()> {
-        Err(std::io::Error::new(
-            std::io::ErrorKind::Unsupported,
-            "this VM has no power button or keyboard the guest could be asked through",
-        ))
+    /// Asks the guest to shut down (`SendCtrlAltDel`): presses the ACPI power button, which an
+    /// ACPI guest's button driver reports, and types Ctrl-Alt-Del on the i8042 keyboard, which
+    /// a guest with a keyboard driver acts on. Fails only if neither could be signalled.
+    pub fn request_shutdown(&self) -> Result<(), String> {
+        let button = self
+            .ged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .press_power_button();
+        let keyboard = self
+            .i8042
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send_ctrl_alt_del();
+        match (button, keyboard) {
+            (Err(b), Err(k)) => Err(format!("power button: {b}; keyboard: {k}")),
+            _ => Ok(()),
+        }
     }
 
     pub fn pci_config_exits(&self) -> u64 {
