@@ -184,7 +184,7 @@ fn bad_bodies_are_400_naming_the_problem() {
         "/boot-source",
         Some("{\"kernel\":"),
         400,
-        "invalid body for /boot-source: EOF",
+        "invalid body for /boot-source: kernel: EOF",
     );
     server.fails(
         "PUT",

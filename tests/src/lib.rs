@@ -318,7 +318,7 @@ pub fn read_exactly(
 pub fn api_call(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
     let mut command = Command::new("curl");
     command
-        .args(["-sS", "--max-time", "30", "--unix-socket"])
+        .args(["-sS", "--path-as-is", "--max-time", "30", "--unix-socket"])
         .arg(socket)
         .args(["-X", method, "-w", "\n%{http_code}"]);
     if let Some(body) = body {

@@ -548,6 +548,10 @@ impl Vmm {
 
     /// Stops and drops the VM: vCPU threads joined, devices dropped.
     fn teardown(&mut self, reason: ExitReason) {
+        // The last metrics line, with the VM's final counters.
+        if self.metrics.is_some() {
+            self.flush_metrics();
+        }
         if let Some(vm) = self.running.take() {
             let elapsed = vm.started.elapsed();
             let exits = vm.exits.total();
@@ -557,9 +561,6 @@ impl Vmm {
                 exits as f64 / elapsed.as_secs_f64().max(1e-9),
                 vm.devices.pci_config_exits()
             );
-            if self.metrics.is_some() {
-                self.flush_metrics();
-            }
             drop(vm);
         }
         self.state = VmState::Stopped;

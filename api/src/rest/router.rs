@@ -144,7 +144,7 @@ impl Body<'_> {
                 // serde_path_to_error names the field a wrong type or value is in, which
                 // serde_json's own message does not.
                 let mut json = serde_json::Deserializer::from_slice(bytes);
-                serde_path_to_error::deserialize(&mut json).map_err(|e| {
+                let value = serde_path_to_error::deserialize(&mut json).map_err(|e| {
                     let field = e.path().to_string();
                     let inner = e.into_inner();
                     HttpError::BadRequest(if field == "." {
@@ -152,7 +152,10 @@ impl Body<'_> {
                     } else {
                         format!("invalid body for {path}: {field}: {inner}")
                     })
-                })
+                })?;
+                json.end()
+                    .map_err(|e| HttpError::BadRequest(format!("invalid body for {path}: {e}")))?;
+                Ok(value)
             }
         }
     }
