@@ -6,7 +6,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
-    BootConfig, ConsoleConfig, MachineConfig, PmemConfig, RngConfig, SerialConfig, VmConfig,
+    BootConfig, ConsoleConfig, MachineConfig, NetConfig, PmemConfig, RngConfig, SerialConfig,
+    VmConfig,
 };
 
 /// Where the VM is in its life.
@@ -100,6 +101,11 @@ pub enum VmmRequest {
         id: String,
         config: PmemConfig,
     },
+    /// `PUT /network-interfaces/{id}`: adds, or replaces, the interface with that id.
+    PutNet {
+        id: String,
+        config: NetConfig,
+    },
     PutConsole(ConsoleConfig),
     /// `PUT /ports/{name}` with `{"socket": PATH}`.
     PutPort {
@@ -122,6 +128,7 @@ impl VmmRequest {
             VmmRequest::PutMachine(_)
                 | VmmRequest::PutBoot(_)
                 | VmmRequest::PutPmem { .. }
+                | VmmRequest::PutNet { .. }
                 | VmmRequest::PutConsole(_)
                 | VmmRequest::PutPort { .. }
                 | VmmRequest::PutSerial(_)
@@ -173,6 +180,8 @@ pub struct PendingConfig {
     pub rng: Option<RngConfig>,
     /// pmem images by id, in the order they were first put.
     pub pmem: Vec<(String, PmemConfig)>,
+    /// Network interfaces by id, in the order they were first put.
+    pub net: Vec<(String, NetConfig)>,
 }
 
 impl PendingConfig {
@@ -190,6 +199,12 @@ impl PendingConfig {
                 .into_iter()
                 .enumerate()
                 .map(|(i, p)| (format!("pmem{i}"), p))
+                .collect(),
+            net: config
+                .net
+                .into_iter()
+                .enumerate()
+                .map(|(i, n)| (n.id.clone().unwrap_or_else(|| format!("net{i}")), n))
                 .collect(),
         }
     }
@@ -209,6 +224,14 @@ impl PendingConfig {
             ports: self.ports.clone(),
             rng: self.rng.clone(),
             pmem: self.pmem.iter().map(|(_, p)| p.clone()).collect(),
+            net: self
+                .net
+                .iter()
+                .map(|(id, n)| NetConfig {
+                    id: Some(id.clone()),
+                    ..n.clone()
+                })
+                .collect(),
         };
         config
             .validate()
@@ -225,6 +248,7 @@ impl PendingConfig {
             "ports": self.ports,
             "rng": self.rng,
             "pmem": self.pmem.iter().map(|(_, p)| p).collect::<Vec<_>>(),
+            "net": self.net.iter().map(|(id, n)| NetConfig { id: Some(id.clone()), ..n.clone() }).collect::<Vec<_>>(),
         });
         if let Some(boot) = &self.boot {
             value["boot"] = serde_json::json!(boot);
