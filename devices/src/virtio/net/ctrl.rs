@@ -105,7 +105,11 @@ fn handle(chain: DescriptorChain<&GuestMemoryMmap>, ctx: &CtrlContext) -> u32 {
         return 0;
     }
     let ok = apply(header[0], header[1], &data, ctx);
-    let ack = if ok { vn::VIRTIO_NET_OK } else { vn::VIRTIO_NET_ERR } as u8;
+    let ack = if ok {
+        vn::VIRTIO_NET_OK
+    } else {
+        vn::VIRTIO_NET_ERR
+    } as u8;
     match writer.write_obj(ack) {
         Ok(()) => 1,
         Err(_) => 0,
@@ -138,9 +142,10 @@ fn mac_table(data: &[u8]) -> Option<(Option<Vec<[u8; 6]>>, &[u8])> {
 fn apply(class: u8, command: u8, data: &[u8], ctx: &CtrlContext) -> bool {
     let has = |f: u32| ctx.acked_features & (1 << f) != 0;
     match (u32::from(class), u32::from(command)) {
-        (vn::VIRTIO_NET_CTRL_RX, cmd @ (vn::VIRTIO_NET_CTRL_RX_PROMISC | vn::VIRTIO_NET_CTRL_RX_ALLMULTI))
-            if has(vn::VIRTIO_NET_F_CTRL_RX) =>
-        {
+        (
+            vn::VIRTIO_NET_CTRL_RX,
+            cmd @ (vn::VIRTIO_NET_CTRL_RX_PROMISC | vn::VIRTIO_NET_CTRL_RX_ALLMULTI),
+        ) if has(vn::VIRTIO_NET_F_CTRL_RX) => {
             let [on] = data else { return false };
             let on = *on != 0;
             update_filter(ctx, |f| {
@@ -152,7 +157,9 @@ fn apply(class: u8, command: u8, data: &[u8], ctx: &CtrlContext) -> bool {
             });
             true
         }
-        (vn::VIRTIO_NET_CTRL_MAC, vn::VIRTIO_NET_CTRL_MAC_TABLE_SET) if has(vn::VIRTIO_NET_F_CTRL_RX) => {
+        (vn::VIRTIO_NET_CTRL_MAC, vn::VIRTIO_NET_CTRL_MAC_TABLE_SET)
+            if has(vn::VIRTIO_NET_F_CTRL_RX) =>
+        {
             let Some((unicast, rest)) = mac_table(data) else {
                 return false;
             };
@@ -181,7 +188,9 @@ fn apply(class: u8, command: u8, data: &[u8], ctx: &CtrlContext) -> bool {
             update_filter(ctx, |f| f.mac = mac);
             true
         }
-        (vn::VIRTIO_NET_CTRL_MQ, vn::VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET) if has(vn::VIRTIO_NET_F_MQ) => {
+        (vn::VIRTIO_NET_CTRL_MQ, vn::VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET)
+            if has(vn::VIRTIO_NET_F_MQ) =>
+        {
             let Ok(pairs) = <[u8; 2]>::try_from(data) else {
                 return false;
             };

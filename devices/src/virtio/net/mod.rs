@@ -15,10 +15,10 @@
 
 mod ctrl;
 mod tap;
-pub mod vhost;
-mod worker;
 #[cfg(test)]
 mod tests;
+pub mod vhost;
+mod worker;
 
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,8 +29,8 @@ use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 
 use super::{
-    ActivateError, ActivatedQueue, InterruptKind, ThreadConfinement, VirtioDevice,
-    VirtioInterrupt, TYPE_NET, VIRTIO_F_VERSION_1,
+    ActivateError, ActivatedQueue, InterruptKind, ThreadConfinement, VirtioDevice, VirtioInterrupt,
+    TYPE_NET, VIRTIO_F_VERSION_1,
 };
 pub use ctrl::RxFilter;
 pub use tap::{Tap, TapError, VNET_HDR_LEN};
@@ -230,7 +230,11 @@ impl Net {
         } else {
             self.shared.status.fetch_and(!bit, Ordering::AcqRel);
         }
-        let interrupt = self.shared.interrupt.lock().unwrap_or_else(|p| p.into_inner());
+        let interrupt = self
+            .shared
+            .interrupt
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(interrupt) = interrupt.as_ref() {
             let _ = interrupt.trigger(InterruptKind::Config);
         }
@@ -322,14 +326,22 @@ impl VirtioDevice for Net {
                 (rx.queue.ready() && tx.queue.ready()).then_some(PairQueues { rx, tx, pair: p })
             })
             .collect();
-        *self.shared.interrupt.lock().unwrap_or_else(|p| p.into_inner()) = Some(interrupt.clone());
+        *self
+            .shared
+            .interrupt
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(interrupt.clone());
         let mut ctrl = ctrl;
         for (q, worker) in self.workers.iter().enumerate() {
             // With vhost, thread 0 sets up every pair; otherwise each thread takes its own.
             let pairs_for_worker: Vec<PairQueues> = if self.vhost {
                 per_pair.iter_mut().filter_map(Option::take).collect()
             } else {
-                per_pair.get_mut(q).and_then(Option::take).into_iter().collect()
+                per_pair
+                    .get_mut(q)
+                    .and_then(Option::take)
+                    .into_iter()
+                    .collect()
             };
             worker.mailbox.post(Command::Activate(Box::new(Activation {
                 mem: mem.clone(),
@@ -346,7 +358,11 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) -> bool {
         self.broadcast(|| Command::Reset);
-        *self.shared.interrupt.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *self
+            .shared
+            .interrupt
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
         let mac = self.mac();
         *self.shared.filter.lock().unwrap_or_else(|p| p.into_inner()) = RxFilter::new(mac);
         self.shared.filter_gen.fetch_add(1, Ordering::AcqRel);
@@ -375,4 +391,3 @@ impl Drop for Net {
         }
     }
 }
-

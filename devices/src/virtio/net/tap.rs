@@ -210,8 +210,7 @@ impl Tap {
     /// unsegmented frames.
     pub fn set_offload(&self, flags: u32) -> Result<(), TapError> {
         // SAFETY: TUNSETOFFLOAD takes its argument by value.
-        if unsafe { ioctl_with_val(&self.file, TUNSETOFFLOAD(), libc::c_ulong::from(flags)) } < 0
-        {
+        if unsafe { ioctl_with_val(&self.file, TUNSETOFFLOAD(), libc::c_ulong::from(flags)) } < 0 {
             return Err(self.ioctl_err("TUNSETOFFLOAD"));
         }
         Ok(())

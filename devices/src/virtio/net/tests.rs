@@ -36,7 +36,12 @@ fn in_netns<T: Send + 'static>(body: impl FnOnce() -> T + Send + 'static) -> T {
     std::thread::spawn(move || {
         // SAFETY: unshare changes only this thread's network namespace.
         let ret = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(ret, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+        assert_eq!(
+            ret,
+            0,
+            "unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        );
         body()
     })
     .join()
@@ -56,7 +61,9 @@ fn ip(args: &str) {
 fn tap_in_netns(queues: u16, mtu: u32) -> Vec<Tap> {
     let taps = Tap::open_named(TAP, queues).unwrap();
     ip("link set lo up");
-    ip(&format!("link set dev {TAP} addrgenmode none mtu {mtu}"));
+    ip(&format!(
+        "link set dev {TAP} addrgenmode none mtu {mtu} address 02:00:00:00:00:01"
+    ));
     ip(&format!("addr add 10.0.0.1/24 dev {TAP}"));
     ip(&format!("link set {TAP} up"));
     ip(&format!(
@@ -73,7 +80,8 @@ impl PacketSocket {
     fn open() -> Self {
         let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
         // SAFETY: plain socket creation; the fd is owned below.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK, proto) };
+        let fd =
+            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK, proto) };
         assert!(fd >= 0);
         // SAFETY: fd is a fresh descriptor we own.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -99,7 +107,12 @@ impl PacketSocket {
     fn send(&self, frame: &[u8]) {
         // SAFETY: send reads `frame`.
         let n = unsafe { libc::send(self.0.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-        assert_eq!(n, frame.len() as isize, "{}", std::io::Error::last_os_error());
+        assert_eq!(
+            n,
+            frame.len() as isize,
+            "{}",
+            std::io::Error::last_os_error()
+        );
     }
 
     /// The next incoming frame of our test ethertype.
@@ -126,7 +139,9 @@ impl PacketSocket {
                 continue;
             }
             let frame = &buf[..n as usize];
-            if from.sll_pkttype != libc::PACKET_OUTGOING as u8 && frame.get(12..14) == Some(&ETHERTYPE_TEST) {
+            if from.sll_pkttype != libc::PACKET_OUTGOING as u8
+                && frame.get(12..14) == Some(&ETHERTYPE_TEST)
+            {
                 return frame.to_vec();
             }
         }
@@ -202,6 +217,9 @@ impl Driver {
             ],
         )
         .unwrap();
+        // Pausing waits until the thread has taken the activation (and set the offloads).
+        net.pause();
+        net.resume();
         Driver {
             mem,
             rx,
@@ -219,7 +237,11 @@ impl Driver {
     fn wait_used(&self, q: &Mock, count: u16) {
         let deadline = Instant::now() + Duration::from_secs(5);
         while q.used().idx().load() < count {
-            assert!(Instant::now() < deadline, "device completed {} of {count}", q.used().idx().load());
+            assert!(
+                Instant::now() < deadline,
+                "device completed {} of {count}",
+                q.used().idx().load()
+            );
             std::thread::sleep(Duration::from_millis(2));
         }
     }
@@ -293,7 +315,10 @@ fn mergeable_buffers_hold_a_jumbo_frame() {
         d.wait_used(&d.rx, 6);
         let chains = d.received(0, 6, 1536);
         let lens: Vec<usize> = chains.iter().map(|(_, b)| b.len()).collect();
-        assert_eq!(lens, vec![1536, 1536, 1536, 1536, 1536, 12 + 8014 - 5 * 1536]);
+        assert_eq!(
+            lens,
+            vec![1536, 1536, 1536, 1536, 1536, 12 + 8014 - 5 * 1536]
+        );
         let bytes: Vec<u8> = chains.into_iter().flat_map(|(_, b)| b).collect();
         assert_eq!(&bytes[10..12], &6u16.to_le_bytes(), "num_buffers");
         assert_eq!(&bytes[12..], &frame[..]);
@@ -316,17 +341,39 @@ fn checksum_offload_headers_pass_both_ways() {
         sock.send_to(&[7u8; 100], "10.0.0.2:5000").unwrap();
         d.wait_used(&d.rx, 1);
         let (_, data) = d.received(0, 1, 2048).pop().unwrap();
-        assert_eq!(data[0] & vn::VIRTIO_NET_HDR_F_NEEDS_CSUM as u8, 1, "flags {:#x}", data[0]);
-        assert_eq!(u16::from_le_bytes([data[6], data[7]]), 14 + 20, "csum_start");
+        assert_eq!(
+            data[0] & vn::VIRTIO_NET_HDR_F_NEEDS_CSUM as u8,
+            1,
+            "flags {:#x}",
+            data[0]
+        );
+        assert_eq!(
+            u16::from_le_bytes([data[6], data[7]]),
+            14 + 20,
+            "csum_start"
+        );
         assert_eq!(u16::from_le_bytes([data[8], data[9]]), 6, "csum_offset");
         // Guest -> host: a datagram whose UDP checksum the guest left to the host.
         let payload = b"offloaded checksum";
         let mut frame = Vec::new();
-        frame.extend_from_slice(&[0x52, 0x54, 0, 0, 0, 1]); // any: the tap takes all
+        frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 1]); // the tap's address
         frame.extend_from_slice(&MAC);
         frame.extend_from_slice(&[0x08, 0x00]);
         let total = 20 + 8 + payload.len();
-        let mut iph = vec![0x45, 0, (total >> 8) as u8, total as u8, 0, 1, 0x40, 0, 64, 17, 0, 0];
+        let mut iph = vec![
+            0x45,
+            0,
+            (total >> 8) as u8,
+            total as u8,
+            0,
+            1,
+            0x40,
+            0,
+            64,
+            17,
+            0,
+            0,
+        ];
         iph.extend_from_slice(&[10, 0, 0, 2, 10, 0, 0, 1]);
         let sum = iph
             .chunks(2)
@@ -374,12 +421,16 @@ fn malformed_chains_complete_empty_and_the_device_goes_on() {
                 // 3 -> 4 -> 3: a loop.
                 desc(addr, 12, VRING_DESC_F_NEXT, 4),
                 desc(addr + 12, 8, VRING_DESC_F_NEXT, 3),
-                // 5: a good frame after all that.
-                desc(addr, len, 0, 0),
             ],
         );
+        d.wait_used(&d.tx, 4);
+        // A good frame after all that.
+        d.send(5, &[desc(addr, len, 0, 0)]);
         assert_eq!(host.recv_test_frame(), good);
         d.wait_used(&d.tx, 5);
+        for i in 0..4 {
+            assert_eq!(used(&d.tx, i).1, 0);
+        }
         // rx: a read-only chain and one outside memory come back empty.
         let rx = &d.rx;
         rx.add_desc_chains(
@@ -417,8 +468,11 @@ fn control_queue_sets_rx_mode_mac_and_filters() {
         let mut next = 0u16;
         let mut request = |class: u32, cmd: u32, data: &[u8]| {
             let at = base + u64::from(next) * 0x100;
-            d.mem.write_slice(&[class as u8, cmd as u8], GuestAddress(at)).unwrap();
+            d.mem
+                .write_slice(&[class as u8, cmd as u8], GuestAddress(at))
+                .unwrap();
             d.mem.write_slice(data, GuestAddress(at + 2)).unwrap();
+            let done = ctrl.used().idx().load() + 1;
             ctrl.add_desc_chains(
                 &[
                     desc(at, 2, VRING_DESC_F_NEXT, next + 1),
@@ -429,16 +483,22 @@ fn control_queue_sets_rx_mode_mac_and_filters() {
             )
             .unwrap();
             d.ctrl_kick.write(1).unwrap();
-            let done = ctrl.used().idx().load() + 1;
             d.wait_used(ctrl, done);
             next += 3;
             d.mem.read_obj::<u8>(GuestAddress(at + 0x80)).unwrap()
         };
         let ok = vn::VIRTIO_NET_OK as u8;
-        assert_eq!(request(vn::VIRTIO_NET_CTRL_RX, vn::VIRTIO_NET_CTRL_RX_PROMISC, &[0]), ok);
+        assert_eq!(
+            request(vn::VIRTIO_NET_CTRL_RX, vn::VIRTIO_NET_CTRL_RX_PROMISC, &[0]),
+            ok
+        );
         let new_mac = [0x52, 0x54, 0, 0, 0, 0x99];
         assert_eq!(
-            request(vn::VIRTIO_NET_CTRL_MAC, vn::VIRTIO_NET_CTRL_MAC_ADDR_SET, &new_mac),
+            request(
+                vn::VIRTIO_NET_CTRL_MAC,
+                vn::VIRTIO_NET_CTRL_MAC_ADDR_SET,
+                &new_mac
+            ),
             ok
         );
         assert_eq!(d.net.mac(), new_mac);
@@ -447,8 +507,19 @@ fn control_queue_sets_rx_mode_mac_and_filters() {
         assert_eq!(config, new_mac);
         // Malformed or unknown requests are refused, not fatal.
         let err = vn::VIRTIO_NET_ERR as u8;
-        assert_eq!(request(vn::VIRTIO_NET_CTRL_RX, vn::VIRTIO_NET_CTRL_RX_PROMISC, &[0, 0]), err);
-        assert_eq!(request(vn::VIRTIO_NET_CTRL_MQ, 0, &[1, 0]), err, "MQ not negotiated");
+        assert_eq!(
+            request(
+                vn::VIRTIO_NET_CTRL_RX,
+                vn::VIRTIO_NET_CTRL_RX_PROMISC,
+                &[0, 0]
+            ),
+            err
+        );
+        assert_eq!(
+            request(vn::VIRTIO_NET_CTRL_MQ, 0, &[1, 0]),
+            err,
+            "MQ not negotiated"
+        );
         assert_eq!(request(0x77, 0, &[]), err);
         // Not promiscuous: a frame for another unicast MAC is dropped, ours arrives.
         host.send(&test_frame(80, [0x52, 0x54, 0, 0, 0, 0x42]));
@@ -476,12 +547,20 @@ fn multiqueue_runs_a_thread_per_pair_and_reset_stops_them_touching_memory() {
         let mut pairs = [0u8; 2];
         net.read_config(8, &mut pairs);
         assert_eq!(u16::from_le_bytes(pairs), 2);
-        let names: Vec<String> = std::fs::read_dir("/proc/self/task")
-            .unwrap()
-            .flatten()
-            .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
-            .map(|c| c.trim().to_string())
-            .collect();
+        let names = || -> Vec<String> {
+            std::fs::read_dir("/proc/self/task")
+                .unwrap()
+                .flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                .map(|c| c.trim().to_string())
+                .collect()
+        };
+        // A thread names itself once it runs.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !names().contains(&"net3-q1".to_string()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let names = names();
         assert!(names.contains(&"net3-q0".to_string()), "{names:?}");
         assert!(names.contains(&"net3-q1".to_string()), "{names:?}");
         net.pause();
@@ -499,7 +578,11 @@ fn tap_errors_say_why() {
     assert_eq!(err.to_string(), "descriptor 9999 is not open");
     let file = std::fs::File::open("/dev/null").unwrap();
     let err = Tap::adopt(file.as_raw_fd()).unwrap_err();
-    assert!(err.to_string().contains("is not a tap: not a tun/tap device"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("is not a tap: not a tun/tap device"),
+        "{err}"
+    );
     // Still ours to close: adopt handed it back.
     drop(file);
     in_netns(|| {
@@ -524,7 +607,10 @@ fn vhost_setup_and_teardown_sequence() {
         .unwrap();
         assert!(net.uses_vhost());
         let mem = leaked_memory();
-        net.set_acked_features(features(&[vn::VIRTIO_NET_F_MRG_RXBUF, vn::VIRTIO_NET_F_CSUM]));
+        net.set_acked_features(features(&[
+            vn::VIRTIO_NET_F_MRG_RXBUF,
+            vn::VIRTIO_NET_F_CSUM,
+        ]));
         let queue = |ring| MockSplitQueue::create(mem, GuestAddress(ring), 256);
         let (rx, tx, ctrl) = (queue(RX_RING), queue(TX_RING), queue(CTRL_RING));
         let activated = |q: &MockSplitQueue<GuestMemoryMmap>| ActivatedQueue {
@@ -607,8 +693,15 @@ fn vhost_setup_failure_tears_down() {
             .unwrap();
         net.pause(); // waits until the worker has handled the activation
         let calls = recorder.calls();
-        assert!(calls.iter().any(|c| c.starts_with("set_vring_addr 0")), "{calls:?}");
+        assert!(
+            calls.iter().any(|c| c.starts_with("set_vring_addr 0")),
+            "{calls:?}"
+        );
         assert!(!calls.iter().any(|c| c == "set_backend 0 tap"), "{calls:?}");
-        assert_eq!(calls.last().map(String::as_str), Some("reset_owner"), "{calls:?}");
+        assert_eq!(
+            calls.last().map(String::as_str),
+            Some("reset_owner"),
+            "{calls:?}"
+        );
     });
 }

@@ -10,10 +10,10 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
+use std::sync::Arc;
 use vhost::vhost_kern::VhostKernBackend;
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::QueueT;
-use std::sync::Arc;
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -159,7 +159,10 @@ impl VhostNetBackend for KernelVhostNet {
         )
     }
     fn set_vring_num(&mut self, queue: usize, num: u16) -> Result<(), VhostError> {
-        op("SET_VRING_NUM", VhostBackend::set_vring_num(self, queue, num))
+        op(
+            "SET_VRING_NUM",
+            VhostBackend::set_vring_num(self, queue, num),
+        )
     }
     fn set_vring_addr(&mut self, queue: usize, ring: &RingAddrs) -> Result<(), VhostError> {
         let config = VringConfigData {
@@ -186,13 +189,22 @@ impl VhostNetBackend for KernelVhostNet {
         op("GET_VRING_BASE", VhostBackend::get_vring_base(self, queue)).map(|b| b as u16)
     }
     fn set_vring_kick(&mut self, queue: usize, fd: &EventFd) -> Result<(), VhostError> {
-        op("SET_VRING_KICK", VhostBackend::set_vring_kick(self, queue, fd))
+        op(
+            "SET_VRING_KICK",
+            VhostBackend::set_vring_kick(self, queue, fd),
+        )
     }
     fn set_vring_call(&mut self, queue: usize, fd: &EventFd) -> Result<(), VhostError> {
-        op("SET_VRING_CALL", VhostBackend::set_vring_call(self, queue, fd))
+        op(
+            "SET_VRING_CALL",
+            VhostBackend::set_vring_call(self, queue, fd),
+        )
     }
     fn set_vring_err(&mut self, queue: usize, fd: &EventFd) -> Result<(), VhostError> {
-        op("SET_VRING_ERR", VhostBackend::set_vring_err(self, queue, fd))
+        op(
+            "SET_VRING_ERR",
+            VhostBackend::set_vring_err(self, queue, fd),
+        )
     }
     fn set_backend(&mut self, queue: usize, tap: Option<&File>) -> Result<(), VhostError> {
         let file = vhost::vhost_kern::vhost_binding::vhost_vring_file {
@@ -257,8 +269,7 @@ impl VhostSession {
                 continue;
             };
             session.pairs.push(p);
-            if let Err(e) = session.start_pair(backend.as_mut(), mem, acked_features, pair, tap)
-            {
+            if let Err(e) = session.start_pair(backend.as_mut(), mem, acked_features, pair, tap) {
                 session.stop(backends);
                 return Err(e);
             }

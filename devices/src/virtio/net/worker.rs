@@ -294,7 +294,12 @@ impl Worker {
 
     fn run(&mut self) -> std::io::Result<()> {
         let epoll = Epoll::new()?;
-        add(&epoll, self.mailbox.wake.as_raw_fd(), TOKEN_MAILBOX, EventSet::IN)?;
+        add(
+            &epoll,
+            self.mailbox.wake.as_raw_fd(),
+            TOKEN_MAILBOX,
+            EventSet::IN,
+        )?;
         if self.vhost_backends.is_empty() {
             // Edge-triggered: a frame arriving wakes us once; we read until the tap is empty
             // or the guest runs out of buffers (then its rx kick brings us back).
@@ -520,7 +525,11 @@ impl Active {
         let Some(rx) = self.rx.as_mut() else { return };
         let generation = shared.filter_gen.load(Ordering::Acquire);
         if generation != rx.filter_gen {
-            rx.filter = shared.filter.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            rx.filter = shared
+                .filter
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
             rx.filter_gen = generation;
         }
     }
@@ -647,19 +656,17 @@ impl Active {
             // Mergeable: enough chains for the largest frame; otherwise one (big) chain.
             let need = if mergeable { max_frame } else { 1 };
             used |= rx.fill(mem, need);
-            if rx.spare.is_empty() || (mergeable && rx.spare_capacity < max_frame) {
-                // Read anyway once the ring has nothing left to give: a small guest ring
-                // still gets the frames that fit.
-                let ring_exhausted = rx.spare.len() >= usize::from(rx.queue.size());
-                if rx.spare.is_empty() || !ring_exhausted {
-                    if rx.queue.enable_notification(mem).unwrap_or(false) {
-                        continue;
-                    }
-                    rx.starved = true;
-                    budget_spent = false;
-                    break;
+            if rx.spare.is_empty() {
+                if rx.queue.enable_notification(mem).unwrap_or(false) {
+                    continue;
                 }
+                rx.starved = true;
+                budget_spent = false;
+                break;
             }
+            // With less than the largest frame's room, the ring had no more to give: read
+            // anyway (holding every buffer back would stall a guest that waits for them);
+            // a frame that does not fit is dropped.
             match rx.receive(mem, tap, mergeable) {
                 Receive::Frame => used = true,
                 Receive::Dropped => {}
@@ -795,7 +802,10 @@ impl RxState {
             }
             let take = (len - skip).min(out.len() - filled);
             if mem
-                .read_slice(&mut out[filled..filled + take], addr.unchecked_add(skip as u64))
+                .read_slice(
+                    &mut out[filled..filled + take],
+                    addr.unchecked_add(skip as u64),
+                )
                 .is_err()
             {
                 return false;
