@@ -139,7 +139,7 @@ impl PacketSocket {
                 continue;
             }
             let frame = &buf[..n as usize];
-            if from.sll_pkttype != libc::PACKET_OUTGOING as u8
+            if from.sll_pkttype != libc::PACKET_OUTGOING
                 && frame.get(12..14) == Some(&ETHERTYPE_TEST)
             {
                 return frame.to_vec();

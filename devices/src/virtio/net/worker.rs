@@ -552,10 +552,7 @@ impl Active {
             max_pairs,
         };
         if ctrl::process(queue, &ctx) {
-            let index = *index;
-            if queue.needs_notification(&self.mem).unwrap_or(true) {
-                let _ = self.interrupt.trigger(InterruptKind::Queue(index));
-            }
+            signal_used(&self.mem, self.interrupt.as_ref(), queue, *index);
         }
     }
 
@@ -618,9 +615,7 @@ impl Active {
             }
         }
         if used {
-            if tx.queue.needs_notification(mem).unwrap_or(true) {
-                let _ = self.interrupt.trigger(InterruptKind::Queue(tx.index));
-            }
+            signal_used(mem, self.interrupt.as_ref(), &mut tx.queue, tx.index);
         }
     }
 
@@ -677,9 +672,7 @@ impl Active {
             }
         }
         if used {
-            if rx.queue.needs_notification(mem).unwrap_or(true) {
-                let _ = self.interrupt.trigger(InterruptKind::Queue(rx.index));
-            }
+            signal_used(mem, self.interrupt.as_ref(), &mut rx.queue, rx.index);
         }
         // Budget spent with frames possibly left in the tap (edge-triggered: no new event).
         if budget_spent {
@@ -817,6 +810,19 @@ impl RxState {
             }
         }
         false
+    }
+}
+
+/// Interrupts the driver for used buffers on queue `index`, unless it asked not to be
+/// (EVENT_IDX: once the used index passes its used_event).
+fn signal_used(
+    mem: &GuestMemoryMmap,
+    interrupt: &dyn VirtioInterrupt,
+    queue: &mut Queue,
+    index: u16,
+) {
+    if queue.needs_notification(mem).unwrap_or(true) {
+        let _ = interrupt.trigger(InterruptKind::Queue(index));
     }
 }
 

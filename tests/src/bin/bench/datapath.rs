@@ -34,9 +34,9 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{median, opt_fmt, parse_flags, parse_positive, Failure};
 
 const PORT_NAME: &str = "agent.channel.0";
-const GUEST_MEM: usize = 64 << 20;
+pub(crate) const GUEST_MEM: usize = 64 << 20;
 /// Every buffer the driver posts is one page, as Linux posts for port rx and virtio-rng.
-const BUF_SIZE: u32 = 4096;
+pub(crate) const BUF_SIZE: u32 = 4096;
 /// Queue k's descriptor table, avail ring and used ring, one page each.
 const RING_BASE: u64 = 0x1_0000;
 const RING_STRIDE: u64 = 0x4000;
@@ -200,13 +200,13 @@ impl Pattern {
     }
 }
 
-fn mem_err<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> String {
+pub(crate) fn mem_err<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> String {
     move |e| format!("guest memory: {what}: {e}")
 }
 
 /// The driver's side of one split virtqueue. Every chain is one descriptor, and descriptor `i`
 /// always points at buffer `i`, so a used id names its buffer.
-struct DriverQueue {
+pub(crate) struct DriverQueue {
     size: u16,
     desc: GuestAddress,
     avail: GuestAddress,
@@ -263,17 +263,17 @@ impl DriverQueue {
         Ok((driver, ActivatedQueue { queue, notify }))
     }
 
-    fn buffer(&self, id: u16) -> GuestAddress {
+    pub(crate) fn buffer(&self, id: u16) -> GuestAddress {
         GuestAddress(self.buffers.0 + u64::from(id) * u64::from(BUF_SIZE))
     }
 
     /// A buffer to fill and `post`.
-    fn take_free(&mut self) -> Option<u16> {
+    pub(crate) fn take_free(&mut self) -> Option<u16> {
         self.free.pop()
     }
 
     /// Posts every free buffer, whole, for the device to write.
-    fn fill(&mut self, mem: &GuestMemoryMmap) -> Result<(), String> {
+    pub(crate) fn fill(&mut self, mem: &GuestMemoryMmap) -> Result<(), String> {
         while let Some(id) = self.take_free() {
             self.post(mem, id, BUF_SIZE, true)?;
         }
@@ -281,7 +281,7 @@ impl DriverQueue {
     }
 
     /// Makes buffer `id` (its first `len` bytes) available; the device sees it after `kick`.
-    fn post(
+    pub(crate) fn post(
         &mut self,
         mem: &GuestMemoryMmap,
         id: u16,
@@ -306,7 +306,7 @@ impl DriverQueue {
     }
 
     /// Publishes what `post` added (release: descriptors before the index) and notifies.
-    fn kick(&mut self, mem: &GuestMemoryMmap) -> Result<(), String> {
+    pub(crate) fn kick(&mut self, mem: &GuestMemoryMmap) -> Result<(), String> {
         mem.store(
             self.next_avail.0.to_le(),
             GuestAddress(self.avail.0 + 2),
@@ -319,7 +319,7 @@ impl DriverQueue {
 
     /// Used buffers since the last call: (id, bytes the device wrote). Their buffers are free
     /// again (and keep their contents until posted).
-    fn reap(&mut self, mem: &GuestMemoryMmap) -> Result<Vec<(u16, u32)>, String> {
+    pub(crate) fn reap(&mut self, mem: &GuestMemoryMmap) -> Result<Vec<(u16, u32)>, String> {
         let idx: u16 = mem
             .load(GuestAddress(self.used.0 + 2), Ordering::Acquire)
             .map_err(mem_err("reading the used index"))?;
@@ -345,7 +345,7 @@ impl DriverQueue {
     }
 
     /// Waits for this queue's interrupt (irqfd), STALL at most.
-    fn wait(&mut self, what: &str) -> Result<(), String> {
+    pub(crate) fn wait(&mut self, what: &str) -> Result<(), String> {
         let mut pfd = libc::pollfd {
             fd: self.irq.as_raw_fd(),
             events: libc::POLLIN,
@@ -376,7 +376,7 @@ impl DriverQueue {
     }
 
     /// Interrupt and kick counts since the last call.
-    fn take_counts(&mut self) -> (u64, u64) {
+    pub(crate) fn take_counts(&mut self) -> (u64, u64) {
         // Interrupts not waited for are still in the eventfd's counter.
         self.irqs += self.irq.read().unwrap_or(0);
         (
@@ -406,7 +406,7 @@ impl VirtioInterrupt for Irqfds {
 
 /// Queues for `device` at ring slots `first_slot..`, activated with every feature it offers,
 /// which must include `required`.
-fn activate(
+pub(crate) fn activate(
     device: &Mutex<dyn VirtioDevice>,
     mem: &GuestMemoryMmap,
     first_slot: u64,
