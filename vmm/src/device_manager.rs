@@ -382,6 +382,7 @@ impl DeviceManager {
 /// guest kernel code is emulated.
 pub fn wants_pci(config: &api::VmConfig) -> bool {
     config.rng.is_some()
+        || !config.net.is_empty()
         || config.has_virtio_console()
         || config
             .pmem
@@ -408,6 +409,44 @@ fn console_device(config: &api::VmConfig) -> Result<Console, ConsoleError> {
     Console::new(&output, &ports)
 }
 
+/// Installs the VMM's seccomp filter of a device thread's kind (`net`) on that thread.
+struct SeccompConfinement(crate::seccomp::SeccompFilters);
+
+impl devices::virtio::ThreadConfinement for SeccompConfinement {
+    fn confine(&self, kind: &str) -> Result<(), String> {
+        crate::seccomp::apply(&self.0, kind).map_err(|e| e.to_string())
+    }
+}
+
+/// Interface `index` of the configuration, on its taps (and vhost-net where chosen).
+fn net_device(index: usize, config: &api::NetConfig) -> Result<devices::virtio::net::Net, String> {
+    use devices::virtio::net::backend::{self, TapSource, VhostChoice};
+    let taps = match &config.tap {
+        Some(name) => TapSource::Named {
+            name,
+            queues: config.queues,
+        },
+        None => TapSource::Fds(&config.fds),
+    };
+    let choice = match config.vhost {
+        api::VhostMode::Auto => VhostChoice::Auto,
+        api::VhostMode::On => VhostChoice::On,
+        api::VhostMode::Off => VhostChoice::Off,
+    };
+    let name = format!("net{index}");
+    let (taps, vhost) =
+        backend::open(&name, taps, choice, &config.vhost_fds).map_err(|e| e.to_string())?;
+    let filters = crate::seccomp::SeccompFilters::builtin().map_err(|e| e.to_string())?;
+    devices::virtio::net::Net::new(devices::virtio::net::NetParams {
+        index,
+        mac: config.mac.0,
+        taps,
+        vhost,
+        confinement: Arc::new(SeccompConfinement(filters)),
+    })
+    .map_err(|e| e.to_string())
+}
+
 /// The PCI bus and the devices `config` asks for; adds the config ports to `pio`. `pmem` are
 /// the mapped images: the virtio ones get their device, and every read-only one a guard that
 /// drops the guest's writes to it.
@@ -424,6 +463,13 @@ pub fn build_devices(
     }
     if let Some(rng) = &config.rng {
         let device = devices::virtio::rng::Rng::new(&rng.source)?;
+        manager.add_virtio_device(Arc::new(Mutex::new(device)))?;
+    }
+    for (index, net) in config.net.iter().enumerate() {
+        let device = net_device(index, net).map_err(|e| crate::VmmError::Setup {
+            what: "a virtio-net interface",
+            source: std::io::Error::other(e),
+        })?;
         manager.add_virtio_device(Arc::new(Mutex::new(device)))?;
     }
     if config.has_virtio_console() {

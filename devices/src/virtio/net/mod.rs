@@ -13,6 +13,7 @@
 //! A vCPU thread only hands commands to the threads through a mailbox (`worker`): activation
 //! does not wait; reset and pause wait until every thread has let go of guest memory.
 
+pub mod backend;
 mod ctrl;
 mod tap;
 #[cfg(test)]

@@ -95,7 +95,9 @@ fn bench(total: u64, runs: usize) -> Result<(), String> {
     ))?;
     ip(&format!("addr add 10.0.0.1/24 dev {TAP}"))?;
     ip(&format!("link set {TAP} up"))?;
-    ip(&format!("neigh add 10.0.0.2 lladdr 52:54:00:12:34:56 dev {TAP}"))?;
+    ip(&format!(
+        "neigh add 10.0.0.2 lladdr 52:54:00:12:34:56 dev {TAP}"
+    ))?;
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), GUEST_MEM)])
         .map_err(|e| format!("guest memory: {e}"))?;
     let net = Net::new(NetParams {
@@ -108,6 +110,11 @@ fn bench(total: u64, runs: usize) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     let net = std::sync::Mutex::new(net);
     let mut queues = activate(&net, &mem, 0, 0)?;
+    // The queue thread names itself once it runs.
+    let deadline = Instant::now() + std::time::Duration::from_secs(5);
+    while thread_run_ns("net0-q0").is_err() && Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     let (rx, rest) = queues.split_at_mut(1);
     let (rx, tx) = (&mut rx[0], &mut rest[0]);
 
@@ -146,7 +153,10 @@ fn bench(total: u64, runs: usize) -> Result<(), String> {
     }
     println!();
     println!("median of {runs} run(s)");
-    println!("{:<14} {:>10} {:>9} {:>11}", "test", "frames/s", "MB/s", "CPU ms/MiB");
+    println!(
+        "{:<14} {:>10} {:>9} {:>11}",
+        "test", "frames/s", "MB/s", "CPU ms/MiB"
+    );
     for (name, pps, rate, cost) in summary {
         println!(
             "{name:<14} {:>10} {:>9} {:>11}",
