@@ -178,7 +178,7 @@ fn guest_pings_is_pinged_and_echoes_tcp() {
     let mut vm = ns.boot(&[format!("tap=tap0,mac={MAC},vhost=auto")], GUEST_IP);
     vm.wait_for("GUEST_NET=eth0", boot_timeout());
     vm.wait_for(&format!("GUEST_NET_UP={GUEST_IP}/24"), boot_timeout());
-    let ping = ns.output(&["ping", "-c", "3", "-W", "10", GUEST_IP]);
+    let ping = ns.output(&["busybox", "ping", "-c", "3", "-W", "10", GUEST_IP]);
     assert!(ping.contains(" 0% packet loss"), "{ping}");
     // The guest answered from the MAC we gave it.
     let neigh = ns.output(&["ip", "neigh", "show", GUEST_IP]);
@@ -188,7 +188,7 @@ fn guest_pings_is_pinged_and_echoes_tcp() {
     eprintln!("TCP echo through the guest: {} MiB each way, {rate:.1} MB/s", total >> 20);
     vm.signal(libc::SIGTERM);
     let status = vm.wait_exit(Duration::from_secs(60));
-    assert_eq!(status.code(), Some(0), "{}", vm.stderr());
+    assert_eq!(status.code(), Some(0), "{status:?}: {}", vm.stderr());
 }
 
 #[test]
@@ -203,7 +203,7 @@ fn two_nics_and_a_multiqueue_nic() {
     );
     vm.wait_for("GUEST_NET=eth0 eth1", boot_timeout());
     vm.wait_for(&format!("GUEST_NET_UP={GUEST_IP}/24"), boot_timeout());
-    let ping = ns.output(&["ping", "-c", "2", "-W", "10", GUEST_IP]);
+    let ping = ns.output(&["busybox", "ping", "-c", "2", "-W", "10", GUEST_IP]);
     assert!(ping.contains(" 0% packet loss"), "{ping}");
     vm.signal(libc::SIGTERM);
     let _ = vm.wait_exit(Duration::from_secs(60));
@@ -240,7 +240,7 @@ fn vhost_net_for_real_where_the_host_has_it() {
     let ns = Netns::new("vhon", &[1]);
     let mut vm = ns.boot(&[format!("tap=tap0,mac={MAC},vhost=on")], GUEST_IP);
     vm.wait_for(&format!("GUEST_NET_UP={GUEST_IP}/24"), boot_timeout());
-    let ping = ns.output(&["ping", "-c", "3", "-W", "10", GUEST_IP]);
+    let ping = ns.output(&["busybox", "ping", "-c", "3", "-W", "10", GUEST_IP]);
     assert!(ping.contains(" 0% packet loss"), "{ping}");
     let total = transfer_bytes();
     ns.enter(move || echo(&format!("{GUEST_IP}:5000"), total));

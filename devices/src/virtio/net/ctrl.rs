@@ -73,18 +73,26 @@ pub(crate) struct CtrlContext<'a> {
 pub(crate) fn process(queue: &mut Queue, ctx: &CtrlContext) -> bool {
     let mut used = false;
     // A queue's worth per wake: the driver waits for each answer, so there is rarely more.
-    for _ in 0..queue.size() {
-        let Some(chain) = queue.pop_descriptor_chain(ctx.mem) else {
-            break;
-        };
-        let head = chain.head_index();
-        let len = handle(chain, ctx);
-        if queue.add_used(ctx.mem, head, len).is_err() {
-            break;
+    let mut budget = queue.size();
+    loop {
+        let _ = queue.disable_notification(ctx.mem);
+        while let Some(chain) = queue.pop_descriptor_chain(ctx.mem) {
+            let head = chain.head_index();
+            let len = handle(chain, ctx);
+            if queue.add_used(ctx.mem, head, len).is_err() {
+                return used;
+            }
+            used = true;
+            budget = budget.saturating_sub(1);
+            if budget == 0 {
+                return used;
+            }
         }
-        used = true;
+        // EVENT_IDX: publish where we are, or the driver would not kick for the next one.
+        if !queue.enable_notification(ctx.mem).unwrap_or(false) {
+            return used;
+        }
     }
-    used
 }
 
 /// Handles one request; returns the bytes written (1 with an ack, 0 for a malformed chain).

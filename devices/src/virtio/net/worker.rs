@@ -161,6 +161,7 @@ impl WorkerThread {
         let thread = std::thread::Builder::new()
             .name(name.clone())
             .spawn(move || {
+                block_signals();
                 if let Err(e) = confinement.confine("net") {
                     log::error!("{label}: cannot confine the thread, it stops: {e}");
                 } else {
@@ -191,6 +192,18 @@ impl WorkerThread {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// Process signals (SIGTERM, SIGINT) belong to the `vmm` thread's signalfd; a queue thread
+/// may be started before the VMM blocks them, so it blocks them itself.
+fn block_signals() {
+    // SAFETY: sigfillset initialises the set on our stack; pthread_sigmask reads it and
+    // changes only this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut set);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }
 
@@ -241,6 +254,8 @@ struct RxState {
     spare_capacity: u64,
     /// Out of buffers: wait for the driver's kick.
     starved: bool,
+    /// A frame read while the guest's buffers were short, waiting for more.
+    pending: Option<Vec<u8>>,
     filter: RxFilter,
     filter_gen: u64,
     iov: Vec<libc::iovec>,
@@ -469,6 +484,7 @@ impl Worker {
                     spare: VecDeque::new(),
                     spare_capacity: 0,
                     starved: false,
+                    pending: None,
                     filter,
                     filter_gen: self.shared.filter_gen.load(Ordering::Acquire),
                     iov: Vec::new(),
@@ -648,21 +664,37 @@ impl Active {
                 budget_spent = false;
                 break;
             }
+            // A frame that came when the guest's buffers were short waits for more.
+            if let Some(len) = rx.pending.as_ref().map(|p| p.len() as u64) {
+                used |= rx.fill(mem, len);
+                if rx.spare_capacity < len {
+                    if rx.wait_for_buffers(mem) {
+                        continue;
+                    }
+                    budget_spent = false;
+                    break;
+                }
+                used |= matches!(rx.deliver_pending(mem), Receive::Frame);
+                continue;
+            }
             // Mergeable: enough chains for the largest frame; otherwise one (big) chain.
             let need = if mergeable { max_frame } else { 1 };
             used |= rx.fill(mem, need);
             if rx.spare.is_empty() {
-                if rx.queue.enable_notification(mem).unwrap_or(false) {
+                if rx.wait_for_buffers(mem) {
                     continue;
                 }
-                rx.starved = true;
                 budget_spent = false;
                 break;
             }
-            // With less than the largest frame's room, the ring had no more to give: read
-            // anyway (holding every buffer back would stall a guest that waits for them);
-            // a frame that does not fit is dropped.
-            match rx.receive(mem, tap, mergeable) {
+            let received = if !mergeable || rx.spare_capacity >= max_frame {
+                rx.receive(mem, tap, mergeable)
+            } else {
+                // The ring has no more for now: read into our own buffer rather than risk
+                // truncating a large frame (its one extra copy is the price of a short ring).
+                rx.receive_bounced(mem, tap)
+            };
+            match received {
                 Receive::Frame => used = true,
                 Receive::Dropped => {}
                 Receive::Empty => {
@@ -751,8 +783,63 @@ impl RxState {
             return Receive::Empty;
         }
         let n = n as u64;
-        if n > capacity || n < (VNET_HDR_LEN + 14) as u64 {
-            // Truncated (the guest's buffers were too small) or a runt: drop it.
+        if n > capacity {
+            // Truncated: the guest's buffers were too small.
+            return Receive::Dropped;
+        }
+        self.complete(mem, n)
+    }
+
+    /// Reads one frame into the bounce buffer and hands it over if the buffers we hold fit it.
+    fn receive_bounced(&mut self, mem: &GuestMemoryMmap, tap: &Tap) -> Receive {
+        let mut bounce = vec![0u8; MAX_GSO_FRAME as usize];
+        // SAFETY: read into a buffer we own, at most its length.
+        let n = unsafe { libc::read(tap.as_raw_fd(), bounce.as_mut_ptr().cast(), bounce.len()) };
+        if n < 0 {
+            return Receive::Empty;
+        }
+        bounce.truncate(n as usize);
+        self.pending = Some(bounce);
+        if self.spare_capacity >= n as u64 {
+            return self.deliver_pending(mem);
+        }
+        Receive::Dropped
+    }
+
+    /// Copies the pending frame into the spare chains (which hold enough room) and hands it
+    /// over.
+    fn deliver_pending(&mut self, mem: &GuestMemoryMmap) -> Receive {
+        let Some(frame) = self.pending.take() else {
+            return Receive::Dropped;
+        };
+        let mut done = 0;
+        for &(addr, len) in self.spare.iter().flat_map(|c| c.segs.iter()) {
+            if done == frame.len() {
+                break;
+            }
+            let take = len.min(frame.len() - done);
+            if mem.write_slice(&frame[done..done + take], addr).is_err() {
+                return Receive::Dropped;
+            }
+            done += take;
+        }
+        self.complete(mem, frame.len() as u64)
+    }
+
+    /// Out of buffers: asks the driver to kick when it adds some; true if it already has.
+    fn wait_for_buffers(&mut self, mem: &GuestMemoryMmap) -> bool {
+        if self.queue.enable_notification(mem).unwrap_or(false) {
+            return true;
+        }
+        self.starved = true;
+        false
+    }
+
+    /// Hands over the frame of `n` bytes at the start of the spare chains: checks the
+    /// destination against the guest's filter, sets num_buffers, puts the chains it filled
+    /// on the used ring.
+    fn complete(&mut self, mem: &GuestMemoryMmap, n: u64) -> Receive {
+        if n < (VNET_HDR_LEN + 14) as u64 {
             return Receive::Dropped;
         }
         let mut dest = [0u8; 6];
