@@ -116,8 +116,9 @@ impl Drop for Netns {
 
 /// FNV-1a: enough to tell the bytes that came back from those sent.
 fn fnv(hash: u64, data: &[u8]) -> u64 {
-    data.iter()
-        .fold(hash, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
+    data.iter().fold(hash, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// Sends `total` bytes to the guest's echo server and reads them back; returns MB/s.
@@ -185,7 +186,10 @@ fn guest_pings_is_pinged_and_echoes_tcp() {
     assert!(neigh.contains(MAC), "{neigh}");
     let total = transfer_bytes();
     let rate = ns.enter(move || echo(&format!("{GUEST_IP}:5000"), total));
-    eprintln!("TCP echo through the guest: {} MiB each way, {rate:.1} MB/s", total >> 20);
+    eprintln!(
+        "TCP echo through the guest: {} MiB each way, {rate:.1} MB/s",
+        total >> 20
+    );
     vm.signal(libc::SIGTERM);
     let status = vm.wait_exit(Duration::from_secs(60));
     assert_eq!(status.code(), Some(0), "{status:?}: {}", vm.stderr());

@@ -148,6 +148,18 @@ impl PacketSocket {
     }
 }
 
+/// A device on `taps` (vhost-net through `vhost` when given), unconfined.
+fn net_on(taps: Vec<Tap>, index: usize, vhost: Vec<Box<dyn VhostNetBackend>>) -> Net {
+    Net::new(NetParams {
+        index,
+        mac: MAC,
+        taps,
+        vhost,
+        confinement: Arc::new(Unconfined),
+    })
+    .unwrap()
+}
+
 fn test_frame(len: usize, dest: [u8; 6]) -> Vec<u8> {
     let mut f = Vec::with_capacity(len);
     f.extend_from_slice(&dest);
@@ -183,14 +195,7 @@ impl Driver {
     /// A device on `taps`, activated with `features`; `rx_bufs` rx buffers of `buf_len`.
     fn new(taps: Vec<Tap>, features: u64, rx_bufs: u16, buf_len: u32) -> Self {
         let mem = leaked_memory();
-        let mut net = Net::new(NetParams {
-            index: 0,
-            mac: MAC,
-            taps,
-            vhost: Vec::new(),
-            confinement: Arc::new(Unconfined),
-        })
-        .unwrap();
+        let mut net = net_on(taps, 0, Vec::new());
         assert_eq!(features & !net.avail_features(), 0, "features offered");
         net.set_acked_features(features);
         let rx = MockSplitQueue::create(mem, GuestAddress(RX_RING), 256);
@@ -534,14 +539,7 @@ fn control_queue_sets_rx_mode_mac_and_filters() {
 fn multiqueue_runs_a_thread_per_pair_and_reset_stops_them_touching_memory() {
     in_netns(|| {
         let taps = tap_in_netns(2, 1500);
-        let mut net = Net::new(NetParams {
-            index: 3,
-            mac: MAC,
-            taps,
-            vhost: Vec::new(),
-            confinement: Arc::new(Unconfined),
-        })
-        .unwrap();
+        let mut net = net_on(taps, 3, Vec::new());
         assert_ne!(net.avail_features() & (1 << vn::VIRTIO_NET_F_MQ), 0);
         assert_eq!(net.queue_max_sizes().len(), 5);
         let mut pairs = [0u8; 2];
@@ -597,14 +595,11 @@ fn vhost_setup_and_teardown_sequence() {
     in_netns(|| {
         let taps = tap_in_netns(1, 1500);
         let recorder = Recorder::default();
-        let mut net = Net::new(NetParams {
-            index: 0,
-            mac: MAC,
+        let mut net = net_on(
             taps,
-            vhost: vec![Box::new(recorder.clone()) as Box<dyn VhostNetBackend>],
-            confinement: Arc::new(Unconfined),
-        })
-        .unwrap();
+            0,
+            vec![Box::new(recorder.clone()) as Box<dyn VhostNetBackend>],
+        );
         assert!(net.uses_vhost());
         let mem = leaked_memory();
         net.set_acked_features(features(&[
@@ -671,14 +666,11 @@ fn vhost_setup_failure_tears_down() {
             fail_at: Some("set_vring_addr"),
             ..Default::default()
         };
-        let mut net = Net::new(NetParams {
-            index: 0,
-            mac: MAC,
+        let mut net = net_on(
             taps,
-            vhost: vec![Box::new(recorder.clone()) as Box<dyn VhostNetBackend>],
-            confinement: Arc::new(Unconfined),
-        })
-        .unwrap();
+            0,
+            vec![Box::new(recorder.clone()) as Box<dyn VhostNetBackend>],
+        );
         let mem = leaked_memory();
         net.set_acked_features(VIRTIO_F_VERSION_1);
         let queue = |ring| MockSplitQueue::create(mem, GuestAddress(ring), 256);

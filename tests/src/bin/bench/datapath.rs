@@ -64,17 +64,7 @@ const PORT1_RX: usize = 4;
 const PORT1_TX: usize = 5;
 
 pub(crate) fn run(args: &[String]) -> Result<(), Failure> {
-    let mut mib: u64 = 256;
-    let mut runs: usize = 3;
-    parse_flags(args, |flag, value| {
-        match flag {
-            "--mib" => mib = parse_positive(flag, &value()?)?,
-            "--runs" => runs = parse_positive(flag, &value()?)?,
-            _ => return Ok(false),
-        }
-        Ok(true)
-    })
-    .map_err(Failure::Usage)?;
+    let (mib, runs) = mib_and_runs(args)?;
     let total = mib << 20;
 
     println!(
@@ -130,6 +120,22 @@ pub(crate) fn run(args: &[String]) -> Result<(), Failure> {
          interrupts the device raised on the data queue, kicks = notifications the driver sent."
     );
     Ok(())
+}
+
+/// `--mib N --runs N` (defaults 256 and 3), the flags of the in-process benchmarks.
+pub(crate) fn mib_and_runs(args: &[String]) -> Result<(u64, usize), Failure> {
+    let mut mib: u64 = 256;
+    let mut runs: usize = 3;
+    parse_flags(args, |flag, value| {
+        match flag {
+            "--mib" => mib = parse_positive(flag, &value()?)?,
+            "--runs" => runs = parse_positive(flag, &value()?)?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    })
+    .map_err(Failure::Usage)?;
+    Ok((mib, runs))
 }
 
 /// One test: moves the given number of bytes and measures it.

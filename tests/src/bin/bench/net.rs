@@ -17,8 +17,8 @@ use devices::virtio::net::{Net, NetParams, Tap};
 use devices::virtio::Unconfined;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::datapath::{activate, DriverQueue, GUEST_MEM};
-use super::{median, opt_fmt, parse_flags, parse_positive, Failure};
+use super::datapath::{activate, mib_and_runs, DriverQueue, GUEST_MEM};
+use super::{median, opt_fmt, Failure};
 
 const TAP: &str = "bench0";
 const FRAME: usize = 1514;
@@ -26,17 +26,7 @@ const DATAGRAM: usize = 1472;
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
 
 pub(crate) fn run(args: &[String]) -> Result<(), Failure> {
-    let mut mib: u64 = 256;
-    let mut runs: usize = 3;
-    parse_flags(args, |flag, value| {
-        match flag {
-            "--mib" => mib = parse_positive(flag, &value()?)?,
-            "--runs" => runs = parse_positive(flag, &value()?)?,
-            _ => return Ok(false),
-        }
-        Ok(true)
-    })
-    .map_err(Failure::Usage)?;
+    let (mib, runs) = mib_and_runs(args)?;
     let handle = std::thread::spawn(move || -> Result<(), String> {
         // SAFETY: unshare changes only this thread's network namespace.
         if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
