@@ -6,9 +6,9 @@ use clap::builder::PossibleValue;
 use clap::{Parser, ValueEnum};
 
 use crate::config::{
-    BootConfig, ConfigError, ConsoleConfig, MachineConfig, PmemConfig, PortConfig, PvmParams,
-    RngConfig, SerialConfig, SettingNames, VmConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB,
-    DEFAULT_VCPUS,
+    BootConfig, ConfigError, ConsoleConfig, MachineConfig, NetConfig, PmemConfig, PortConfig,
+    PvmParams, RngConfig, SerialConfig, SettingNames, VmConfig, DEFAULT_CMDLINE,
+    DEFAULT_MEMORY_MIB, DEFAULT_VCPUS,
 };
 
 const LONG_ABOUT: &str = "\
@@ -20,7 +20,7 @@ Describe the VM with flags, or with --config FILE: a JSON file in the same schem
 accepts. The guest's serial console goes where --serial says; chapeau's own log goes to stderr.";
 
 /// Flags that describe the VM; `--config` replaces all of them.
-const VM_FLAGS: [&str; 12] = [
+const VM_FLAGS: [&str; 13] = [
     "kernel",
     "initrd",
     "cmdline",
@@ -33,6 +33,7 @@ const VM_FLAGS: [&str; 12] = [
     "rng",
     "pmem",
     "thp",
+    "net",
 ];
 
 /// What a bare `--rng` means.
@@ -96,6 +97,16 @@ pub struct Cli {
     )]
     pub pmem: Vec<PmemConfig>,
 
+    /// Adds a virtio-net interface on a tap: opened (or created) by name, or inherited as one
+    /// descriptor per queue pair (fd=4:5, how Kata passes them, with vhostfd= for
+    /// /dev/vhost-net descriptors). vhost=auto uses vhost-net where /dev/vhost-net exists,
+    /// else chapeau's own datapath. Repeat for more interfaces.
+    #[arg(
+        long = "net",
+        value_name = "tap=NAME,mac=MAC[,queues=N][,vhost=auto|on|off] | fd=N[:M..],mac=MAC[,vhostfd=K[:L..]]"
+    )]
+    pub net: Vec<NetConfig>,
+
     /// Appends the guest kernel parameters a PVM host needs (PVM emulates guest kernel mode and
     /// cannot run some instructions there); auto = when /sys/module/kvm_pvm exists.
     #[arg(long, value_enum, value_name = "MODE", default_value_t = PvmParams::Auto)]
@@ -133,6 +144,7 @@ const FLAG_NAMES: SettingNames = SettingNames {
     port: "--port",
     rng: "--rng",
     pmem: "--pmem",
+    net: "--net",
 };
 
 impl Cli {
@@ -168,6 +180,7 @@ impl Cli {
             ports: self.ports.clone(),
             rng: self.rng.clone(),
             pmem: self.pmem.clone(),
+            net: self.net.clone(),
         };
         config.validate_named(&FLAG_NAMES)?;
         Ok(config)
@@ -271,6 +284,7 @@ mod tests {
                 ports: vec![],
                 rng: None,
                 pmem: vec![],
+                net: vec![],
             }
         );
     }
@@ -436,6 +450,46 @@ mod tests {
         let err = rng(&["--rng", "/dev/hwrng"]).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::ValueValidation);
         assert!(err.to_string().contains("expected source=PATH"), "{err}");
+    }
+
+    #[test]
+    fn net_flag_forms() {
+        let config = config_of(&[
+            "--kernel",
+            "/k",
+            "--net",
+            "tap=tap0,mac=52:54:00:00:00:01,queues=2",
+            "--net",
+            "fd=4,mac=52:54:00:00:00:02,vhostfd=3",
+        ])
+        .unwrap();
+        assert_eq!(config.net.len(), 2);
+        assert_eq!(config.net[0].tap.as_deref(), Some("tap0"));
+        assert_eq!(config.net[1].vhost_fds, vec![3]);
+        let msg = config_of(&[
+            "--kernel",
+            "/k",
+            "--net",
+            "tap=tap0,mac=52:54:00:00:00:01",
+            "--net",
+            "tap=tap1,mac=52:54:00:00:00:01",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            msg,
+            "invalid --net mac=52:54:00:00:00:01: two interfaces have this MAC address"
+        );
+        let err = parse(&["--kernel", "/k", "--net", "tap=t"]).unwrap_err();
+        assert!(err.to_string().contains("--net"), "{err}");
+        assert!(err.to_string().contains("missing mac=MAC"), "{err}");
+        let err = parse(&[
+            "--config",
+            "vm.json",
+            "--net",
+            "tap=t,mac=52:54:00:00:00:01",
+        ]);
+        assert_eq!(err.unwrap_err().kind(), ErrorKind::ArgumentConflict);
     }
 
     #[test]

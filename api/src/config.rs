@@ -7,6 +7,9 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+mod net;
+pub use net::{MacAddr, NetConfig, VhostMode};
+
 /// Most vCPUs a VM may have. xAPIC ids are 8 bits, 0xff is the broadcast id and the IOAPIC takes
 /// one id in the same space, which leaves 254 for vCPUs without needing x2APIC.
 pub const MAX_VCPUS: u8 = 254;
@@ -30,6 +33,13 @@ pub const MAX_PORTS: usize = 30;
 pub const MAX_PORT_NAME_LEN: usize = 127;
 /// Most pmem devices (NVDIMMs plus virtio-pmem) a VM may have; Kata uses one.
 pub const MAX_PMEM_DEVICES: usize = 8;
+/// Network interfaces a VM may have.
+pub const MAX_NET_DEVICES: usize = 8;
+/// Queue pairs one interface may have: Kata asks for one per vCPU up to 8; 16 leaves room and
+/// keeps the device at 33 queues.
+pub const MAX_NET_QUEUE_PAIRS: u16 = 16;
+/// Linux's `IFNAMSIZ` counts the terminating NUL: an interface name is at most 15 bytes.
+pub const MAX_TAP_NAME_LEN: usize = 15;
 /// `sun_path` is 108 bytes including the terminating NUL.
 pub const MAX_SOCKET_PATH_LEN: usize = 107;
 
@@ -55,6 +65,9 @@ pub struct VmConfig {
     /// Image files mapped into guest physical memory as NVDIMMs or virtio-pmem devices.
     #[serde(default)]
     pub pmem: Vec<PmemConfig>,
+    /// virtio-net interfaces, each on a tap.
+    #[serde(default)]
+    pub net: Vec<NetConfig>,
 }
 
 impl VmConfig {
@@ -478,6 +491,9 @@ pub enum ConfigError {
     /// A bad `--pmem` value.
     #[error("{0}")]
     PmemSyntax(String),
+    /// A bad `--net` value.
+    #[error("{0}")]
+    NetSyntax(String),
 }
 
 fn spaced(value: &str) -> String {
@@ -502,6 +518,7 @@ pub(crate) struct SettingNames {
     pub port: &'static str,
     pub rng: &'static str,
     pub pmem: &'static str,
+    pub net: &'static str,
 }
 
 const JSON_NAMES: SettingNames = SettingNames {
@@ -516,6 +533,7 @@ const JSON_NAMES: SettingNames = SettingNames {
     port: "ports",
     rng: "rng.source",
     pmem: "pmem",
+    net: "net",
 };
 
 impl VmConfig {
@@ -628,6 +646,9 @@ impl VmConfig {
         }
         if self.pmem.iter().any(|p| p.file.as_os_str().is_empty()) {
             return invalid(names.pmem, "file=\"\"".into(), "the path is empty".into());
+        }
+        if let Err((value, reason)) = net::validate_nets(&self.net) {
+            return invalid(names.net, value, reason);
         }
         Ok(())
     }
@@ -853,6 +874,7 @@ mod tests {
                 ports: vec![],
                 rng: None,
                 pmem: vec![],
+                net: vec![],
             }
         );
         assert!(!config.has_virtio_console());
@@ -928,6 +950,7 @@ mod tests {
             ports: vec![],
             rng: None,
             pmem: vec![],
+            net: vec![],
         };
         assert_eq!(config, expected);
 

@@ -9,8 +9,9 @@ pub mod rest;
 
 pub use cli::{Cli, LogLevel};
 pub use config::{
-    BootConfig, ConfigError, ConsoleConfig, MachineConfig, PmemConfig, PmemModel, PortConfig,
-    PvmParams, RngConfig, SerialConfig, VmConfig, DEFAULT_RNG_SOURCE, MAX_PMEM_DEVICES, MAX_PORTS,
+    BootConfig, ConfigError, ConsoleConfig, MacAddr, MachineConfig, NetConfig, PmemConfig,
+    PmemModel, PortConfig, PvmParams, RngConfig, SerialConfig, VhostMode, VmConfig,
+    DEFAULT_RNG_SOURCE, MAX_NET_DEVICES, MAX_NET_QUEUE_PAIRS, MAX_PMEM_DEVICES, MAX_PORTS,
     MAX_PORT_NAME_LEN, MAX_VCPUS,
 };
 pub use request::{

@@ -6,7 +6,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
-    BootConfig, ConsoleConfig, MachineConfig, PmemConfig, RngConfig, SerialConfig, VmConfig,
+    BootConfig, ConsoleConfig, MachineConfig, NetConfig, PmemConfig, RngConfig, SerialConfig,
+    VmConfig,
 };
 
 /// Where the VM is in its life.
@@ -100,6 +101,11 @@ pub enum VmmRequest {
         id: String,
         config: PmemConfig,
     },
+    /// `PUT /network-interfaces/{id}`: adds, or replaces, the interface with that id.
+    PutNet {
+        id: String,
+        config: NetConfig,
+    },
     PutConsole(ConsoleConfig),
     /// `PUT /ports/{name}` with `{"socket": PATH}`.
     PutPort {
@@ -122,6 +128,7 @@ impl VmmRequest {
             VmmRequest::PutMachine(_)
                 | VmmRequest::PutBoot(_)
                 | VmmRequest::PutPmem { .. }
+                | VmmRequest::PutNet { .. }
                 | VmmRequest::PutConsole(_)
                 | VmmRequest::PutPort { .. }
                 | VmmRequest::PutSerial(_)
@@ -175,6 +182,8 @@ pub struct PendingConfig {
     pub rng: Option<RngConfig>,
     /// pmem images by id, in the order they were first put.
     pub pmem: Vec<(String, PmemConfig)>,
+    /// Network interfaces by id, in the order they were first put.
+    pub net: Vec<(String, NetConfig)>,
 }
 
 impl PendingConfig {
@@ -193,6 +202,12 @@ impl PendingConfig {
                 .enumerate()
                 .map(|(i, p)| (format!("pmem{i}"), p))
                 .collect(),
+            net: config
+                .net
+                .into_iter()
+                .enumerate()
+                .map(|(i, n)| (n.id.clone().unwrap_or_else(|| format!("net{i}")), n))
+                .collect(),
         }
     }
 
@@ -205,6 +220,14 @@ impl PendingConfig {
             ports: self.ports.clone(),
             rng: self.rng.clone(),
             pmem: self.pmem.iter().map(|(_, p)| p.clone()).collect(),
+            net: self
+                .net
+                .iter()
+                .map(|(id, n)| NetConfig {
+                    id: Some(id.clone()),
+                    ..n.clone()
+                })
+                .collect(),
         }
     }
 
@@ -220,6 +243,41 @@ impl PendingConfig {
             .validate()
             .map_err(|e| RequestError::BadRequest(e.to_string()))?;
         Ok(config)
+    }
+
+    /// Applies one pre-boot `PUT` if the whole stays valid; the configuration is unchanged
+    /// otherwise. Other requests are not configuration: a 400 says so.
+    pub fn apply(&mut self, request: VmmRequest) -> Result<(), RequestError> {
+        fn put<T>(list: &mut Vec<(String, T)>, id: String, item: T) {
+            match list.iter_mut().find(|(existing, _)| *existing == id) {
+                Some((_, slot)) => *slot = item,
+                None => list.push((id, item)),
+            }
+        }
+        let mut next = self.clone();
+        match request {
+            VmmRequest::PutMachine(machine) => next.machine = machine,
+            VmmRequest::PutBoot(boot) => next.boot = Some(boot),
+            VmmRequest::PutSerial(serial) => next.serial = serial,
+            VmmRequest::PutConsole(console) => next.console = console,
+            VmmRequest::PutRng(rng) => next.rng = Some(rng),
+            VmmRequest::PutPort { name, socket } => {
+                match next.ports.iter_mut().find(|p| p.name == name) {
+                    Some(port) => port.socket = socket,
+                    None => next.ports.push(crate::config::PortConfig { name, socket }),
+                }
+            }
+            VmmRequest::PutPmem { id, config } => put(&mut next.pmem, id, config),
+            VmmRequest::PutNet { id, config } => put(&mut next.net, id, config),
+            other => {
+                return Err(RequestError::BadRequest(format!(
+                    "{other:?} does not configure the VM"
+                )))
+            }
+        }
+        next.validate()?;
+        *self = next;
+        Ok(())
     }
 
     /// Checks what is configured so far, as [`PendingConfig::to_config`] will, except that the
@@ -245,6 +303,7 @@ impl PendingConfig {
             "ports": self.ports,
             "rng": self.rng,
             "pmem": self.pmem.iter().map(|(_, p)| p).collect::<Vec<_>>(),
+            "net": self.net.iter().map(|(id, n)| NetConfig { id: Some(id.clone()), ..n.clone() }).collect::<Vec<_>>(),
         });
         if let Some(boot) = &self.boot {
             value["boot"] = serde_json::json!(boot);

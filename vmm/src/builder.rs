@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use api::{PvmParams, VmConfig};
+use devices::virtio::ThreadConfinement;
 use devices::ExitNotifier;
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -91,8 +92,13 @@ fn load_guest(
     Ok(kernel.entry)
 }
 
-/// Builds the VM `config` describes. `exit` is where its vCPUs and devices report the end.
-pub fn build_vm(config: &VmConfig, exit: &Arc<ExitNotifier>) -> Result<BuiltVm, BuildError> {
+/// Builds the VM `config` describes. `exit` is where its vCPUs and devices report the end;
+/// device threads are confined with `confinement`.
+pub fn build_vm(
+    config: &VmConfig,
+    exit: &Arc<ExitNotifier>,
+    confinement: &Arc<dyn ThreadConfinement>,
+) -> Result<BuiltVm, BuildError> {
     let start = Instant::now();
     let phase = |name: &str| log::debug!("{name} done at +{} us", start.elapsed().as_micros());
     let vcpu_count = config.machine.vcpus;
@@ -111,7 +117,7 @@ pub fn build_vm(config: &VmConfig, exit: &Arc<ExitNotifier>) -> Result<BuiltVm, 
     let entry = load_guest(&mem, config, &platform)?;
     phase("load kernel, initrd, tables");
 
-    let devices = DeviceManager::build(&vm, &mem, config, exit, images)?;
+    let devices = DeviceManager::build(&vm, &mem, config, exit, images, confinement)?;
 
     let kvm_error = |op| move |source| KvmError::Ioctl { op, source };
     let supported_cpuid = kvm

@@ -8,6 +8,7 @@
 
 use std::cell::Cell;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::Once;
 
 use seccompiler::{sock_filter, BpfProgram};
@@ -235,6 +236,15 @@ fn remember_thread_name() {
     THREAD_NAME.set(comm);
 }
 
+/// Confines device threads with the filter of their kind (`net`, `9p`).
+pub struct SeccompConfinement(pub Arc<SeccompFilters>);
+
+impl devices::virtio::ThreadConfinement for SeccompConfinement {
+    fn confine(&self, kind: &str) -> Result<(), String> {
+        apply(&self.0, kind).map_err(|e| e.to_string())
+    }
+}
+
 /// Installs the filter of category `name` on the calling thread (and, once per process, the
 /// SIGSYS handler that reports a violation).
 pub fn apply(filters: &SeccompFilters, name: &str) -> Result<(), SeccompError> {
@@ -256,7 +266,7 @@ mod tests {
     #[test]
     fn every_thread_category_has_a_filter() {
         let filters = SeccompFilters::builtin().unwrap();
-        for name in [VMM_THREAD, VCPU_THREAD, "api"] {
+        for name in [VMM_THREAD, VCPU_THREAD, API_THREAD, "net"] {
             let program = filters.get(name).unwrap();
             assert!(program.len() > 10, "{name} filter is suspiciously short");
         }

@@ -21,6 +21,7 @@ use api::{
     ActionType, InstanceInfo, LoggerConfig, MetricsConfig, PendingConfig, RequestError,
     RequestedState, SerialConfig, VmState, VmmRequest, VmmResponse,
 };
+use devices::virtio::ThreadConfinement;
 use devices::{ExitNotifier, ExitReason};
 use event_manager::{EventManager, SubscriberOps};
 use kvm_ioctls::VmFd;
@@ -35,7 +36,7 @@ use crate::device_manager::DeviceManager;
 use crate::event_loop::{
     fd_is_open, ConsoleInput, ControlWake, EventLoopError, Subscriber, TerminationSignals,
 };
-use crate::seccomp::{self, SeccompFilters};
+use crate::seccomp::{self, SeccompConfinement, SeccompFilters};
 use crate::vstate::vcpu::{self, ExitCounters, VcpuContext, Vcpus};
 use crate::vstate::vm::PausedClock;
 
@@ -323,40 +324,11 @@ impl Vmm {
             }
             VmmRequest::SetState(RequestedState::Paused) => self.pause(),
             VmmRequest::SetState(RequestedState::Resumed) => self.resume(),
-            put => self.configure(put),
-        }
-    }
-
-    /// A pre-boot `PUT`: applied only if the configuration stays valid.
-    fn configure(&mut self, request: VmmRequest) -> Result<VmmResponse, RequestError> {
-        let mut next = self.pending.clone();
-        match request {
-            VmmRequest::PutMachine(machine) => next.machine = machine,
-            VmmRequest::PutBoot(boot) => next.boot = Some(boot),
-            VmmRequest::PutSerial(serial) => next.serial = serial,
-            VmmRequest::PutConsole(console) => next.console = console,
-            VmmRequest::PutRng(rng) => next.rng = Some(rng),
-            VmmRequest::PutPort { name, socket } => {
-                match next.ports.iter_mut().find(|p| p.name == name) {
-                    Some(port) => port.socket = socket,
-                    None => next.ports.push(api::PortConfig { name, socket }),
-                }
-            }
-            VmmRequest::PutPmem { id, config } => {
-                match next.pmem.iter_mut().find(|(existing, _)| *existing == id) {
-                    Some((_, pmem)) => *pmem = config,
-                    None => next.pmem.push((id, config)),
-                }
-            }
-            other => {
-                return Err(RequestError::Internal(format!(
-                    "request {other:?} reached the configuration step"
-                )))
+            put => {
+                self.pending.apply(put)?;
+                Ok(VmmResponse::Empty)
             }
         }
-        next.validate()?;
-        self.pending = next;
-        Ok(VmmResponse::Empty)
     }
 
     fn configure_logger(&mut self, logger: &LoggerConfig) -> Result<VmmResponse, RequestError> {
@@ -451,7 +423,9 @@ impl Vmm {
             )));
         }
         let config = self.pending.to_config()?;
-        let built = builder::build_vm(&config, &self.exit)
+        let confinement: Arc<dyn ThreadConfinement> =
+            Arc::new(SeccompConfinement(self.filters.clone()));
+        let built = builder::build_vm(&config, &self.exit, &confinement)
             .map_err(|e| RequestError::BadRequest(format!("cannot start the VM: {e}")))?;
         let internal = |e: &dyn std::fmt::Display| RequestError::Internal(e.to_string());
 
@@ -581,6 +555,7 @@ fn resource_name(request: &VmmRequest) -> &'static str {
         VmmRequest::PutMachine(_) => "machine-config",
         VmmRequest::PutBoot(_) => "boot-source",
         VmmRequest::PutPmem { .. } => "pmem",
+        VmmRequest::PutNet { .. } => "network-interfaces",
         VmmRequest::PutConsole(_) => "console",
         VmmRequest::PutPort { .. } => "ports",
         VmmRequest::PutSerial(_) => "serial",

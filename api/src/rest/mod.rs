@@ -12,7 +12,7 @@ mod server;
 pub use dbs_uhttp::Method;
 pub use error::HttpError;
 pub use response::encode_response;
-pub use router::{parse_request, MAX_PMEM_ID_LEN};
+pub use router::{parse_request, MAX_RESOURCE_ID_LEN};
 pub use server::{serve, ServerError, MAX_CONNECTIONS};
 
 /// Largest request body accepted (413 above it). Config bodies are a few hundred bytes; the

@@ -9,11 +9,11 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use super::HttpError;
-use crate::config::check_port_name;
+use crate::config::{check_port_name, NetConfig};
 use crate::request::{Action, VmStateChange, VmmRequest};
 
-/// Longest pmem id in `PUT /pmem/{id}`.
-pub const MAX_PMEM_ID_LEN: usize = 64;
+/// Longest id in `PUT /pmem/{id}` and `PUT /network-interfaces/{id}`.
+pub const MAX_RESOURCE_ID_LEN: usize = 64;
 
 /// `PUT /ports/{name}`: the name is in the path.
 #[derive(Deserialize)]
@@ -58,9 +58,24 @@ pub fn parse_request(
         ["boot-source"] => only(&[Put]).and_then(|()| body.json().map(VmmRequest::PutBoot)),
         ["pmem", id] => {
             only(&[Put])?;
-            check_pmem_id(id)?;
+            check_resource_id("pmem", id)?;
             let config = body.json()?;
             Ok(VmmRequest::PutPmem {
+                id: id.to_string(),
+                config,
+            })
+        }
+        ["network-interfaces", id] => {
+            only(&[Put])?;
+            check_resource_id("network interface", id)?;
+            let config: NetConfig = body.json()?;
+            if config.id.as_deref().is_some_and(|body_id| body_id != *id) {
+                return Err(HttpError::BadRequest(format!(
+                    "the body's id {:?} is not the path's {id:?}",
+                    config.id.as_deref().unwrap_or_default()
+                )));
+            }
+            Ok(VmmRequest::PutNet {
                 id: id.to_string(),
                 config,
             })
@@ -116,12 +131,13 @@ fn decode_segments(path: &str) -> Result<Vec<String>, HttpError> {
         .collect()
 }
 
-/// A pmem id names the image in later requests: 1 to 64 of `A-Z a-z 0-9 _ - .`.
-fn check_pmem_id(id: &str) -> Result<(), HttpError> {
+/// An id in the path (`/pmem/{id}`, `/network-interfaces/{id}`) names the resource in later
+/// requests: 1 to 64 of `A-Z a-z 0-9 _ - .`.
+fn check_resource_id(what: &str, id: &str) -> Result<(), HttpError> {
     let fine = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
-    if id.is_empty() || id.len() > MAX_PMEM_ID_LEN || !id.chars().all(fine) {
+    if id.is_empty() || id.len() > MAX_RESOURCE_ID_LEN || !id.chars().all(fine) {
         return Err(HttpError::BadRequest(format!(
-            "invalid pmem id {id:?}: 1 to {MAX_PMEM_ID_LEN} letters, digits, '_', '-' or '.'"
+            "invalid {what} id {id:?}: 1 to {MAX_RESOURCE_ID_LEN} letters, digits, '_', '-' or '.'"
         )));
     }
     Ok(())

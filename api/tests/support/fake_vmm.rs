@@ -3,8 +3,8 @@
 //! tests and `examples/fake_server.rs` (which schemathesis drives).
 
 use api::{
-    ActionType, InstanceInfo, PendingConfig, PortConfig, RequestError, RequestedState, VmState,
-    VmmRequest, VmmResponse,
+    ActionType, InstanceInfo, PendingConfig, RequestError, RequestedState, VmState, VmmRequest,
+    VmmResponse,
 };
 
 pub struct FakeVmm {
@@ -44,40 +44,6 @@ impl FakeVmm {
             VmmRequest::GetMetrics => Ok(VmmResponse::Metrics(serde_json::json!({
                 "api_requests": 1
             }))),
-            VmmRequest::PutMachine(machine) => {
-                self.pending.machine = machine;
-                Ok(VmmResponse::Empty)
-            }
-            VmmRequest::PutBoot(boot) => {
-                self.pending.boot = Some(boot);
-                Ok(VmmResponse::Empty)
-            }
-            VmmRequest::PutPmem { id, config } => {
-                match self.pending.pmem.iter_mut().find(|(i, _)| *i == id) {
-                    Some(entry) => entry.1 = config,
-                    None => self.pending.pmem.push((id, config)),
-                }
-                Ok(VmmResponse::Empty)
-            }
-            VmmRequest::PutConsole(console) => {
-                self.pending.console = console;
-                Ok(VmmResponse::Empty)
-            }
-            VmmRequest::PutPort { name, socket } => {
-                match self.pending.ports.iter_mut().find(|p| p.name == name) {
-                    Some(port) => port.socket = socket,
-                    None => self.pending.ports.push(PortConfig { name, socket }),
-                }
-                Ok(VmmResponse::Empty)
-            }
-            VmmRequest::PutSerial(serial) => {
-                self.pending.serial = serial;
-                Ok(VmmResponse::Empty)
-            }
-            VmmRequest::PutRng(rng) => {
-                self.pending.rng = Some(rng);
-                Ok(VmmResponse::Empty)
-            }
             VmmRequest::PutLogger(logger) => match logger.level.as_deref() {
                 None | Some("error" | "warn" | "info" | "debug" | "trace") => {
                     Ok(VmmResponse::Empty)
@@ -87,6 +53,17 @@ impl FakeVmm {
                 ))),
             },
             VmmRequest::PutMetrics(_) => Ok(VmmResponse::Empty),
+            put @ (VmmRequest::PutMachine(_)
+            | VmmRequest::PutBoot(_)
+            | VmmRequest::PutPmem { .. }
+            | VmmRequest::PutNet { .. }
+            | VmmRequest::PutConsole(_)
+            | VmmRequest::PutPort { .. }
+            | VmmRequest::PutSerial(_)
+            | VmmRequest::PutRng(_)) => {
+                self.pending.apply(put)?;
+                Ok(VmmResponse::Empty)
+            }
             VmmRequest::Action(action) => self.action(action),
             VmmRequest::SetState(requested) => self.set_state(requested),
         }

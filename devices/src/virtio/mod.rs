@@ -16,6 +16,7 @@ pub mod chain;
 pub mod console;
 #[cfg(any(test, feature = "fake-driver"))]
 pub mod fake_driver;
+pub mod net;
 pub mod pmem;
 pub mod rng;
 pub mod single_queue;

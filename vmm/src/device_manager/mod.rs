@@ -4,6 +4,7 @@
 //! life; dropping it removes them, and with them every file they created.
 
 pub mod legacy;
+pub mod net;
 pub mod pci;
 pub mod pmem;
 
@@ -16,6 +17,7 @@ use devices::readonly_memory::ReadOnlyMemory;
 use devices::virtio::console::{Console, ConsoleOutput, NamedPort};
 use devices::virtio::pmem::Pmem;
 use devices::virtio::rng::Rng;
+use devices::virtio::ThreadConfinement;
 use devices::{Bus, BusError, ExitNotifier};
 use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryMmap;
@@ -59,6 +61,8 @@ pub enum DeviceError {
     PmemDevice(#[from] devices::virtio::pmem::PmemDeviceError),
     #[error("cannot open the virtio-pmem flush file: {0}")]
     PmemFlushFile(std::io::Error),
+    #[error("virtio-net {0}")]
+    Net(String),
 }
 
 /// Whether the VM has PCI devices. A VM without any gets no PCI bus at all (no config ports,
@@ -66,6 +70,7 @@ pub enum DeviceError {
 /// guest kernel code is emulated.
 pub fn wants_pci(config: &VmConfig) -> bool {
     config.rng.is_some()
+        || !config.net.is_empty()
         || config.has_virtio_console()
         || config.pmem.iter().any(|p| p.model == PmemModel::Virtio)
 }
@@ -119,13 +124,15 @@ pub struct DeviceManager {
 impl DeviceManager {
     /// Builds the devices `config` asks for. `pmem` are the mapped images (already given KVM
     /// slots): the virtio ones get their device, and every read-only one a guard that drops
-    /// the guest's writes to it.
+    /// the guest's writes to it. Devices with threads of their own confine them with
+    /// `confinement`.
     pub fn build(
         vm: &Arc<VmFd>,
         mem: &GuestMemoryMmap,
         config: &VmConfig,
         exit: &Arc<ExitNotifier>,
         pmem: Vec<PmemRegion>,
+        confinement: &Arc<dyn ThreadConfinement>,
     ) -> Result<Self, DeviceError> {
         let legacy = legacy::legacy_devices(vm, &config.serial, exit)?;
         let pio = legacy.pio;
@@ -135,6 +142,10 @@ impl DeviceManager {
         }
         if let Some(rng) = &config.rng {
             pci.add_virtio_device(Arc::new(Mutex::new(Rng::new(&rng.source)?)))?;
+        }
+        for (index, interface) in config.net.iter().enumerate() {
+            let device = net::net_device(index, interface, confinement)?;
+            pci.add_virtio_device(Arc::new(Mutex::new(device)))?;
         }
         if config.has_virtio_console() {
             pci.add_virtio_device(Arc::new(Mutex::new(console_device(config)?)))?;

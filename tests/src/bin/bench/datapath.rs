@@ -34,9 +34,9 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{median, opt_fmt, parse_flags, parse_positive, Failure};
 
 const PORT_NAME: &str = "agent.channel.0";
-const GUEST_MEM: usize = 64 << 20;
+pub(crate) const GUEST_MEM: usize = 64 << 20;
 /// Every buffer the driver posts is one page, as Linux posts for port rx and virtio-rng.
-const BUF_SIZE: u32 = 4096;
+pub(crate) const BUF_SIZE: u32 = 4096;
 /// Queue k's descriptor table, avail ring and used ring, one page each.
 const RING_BASE: u64 = 0x1_0000;
 const RING_STRIDE: u64 = 0x4000;
@@ -64,17 +64,7 @@ const PORT1_RX: usize = 4;
 const PORT1_TX: usize = 5;
 
 pub(crate) fn run(args: &[String]) -> Result<(), Failure> {
-    let mut mib: u64 = 256;
-    let mut runs: usize = 3;
-    parse_flags(args, |flag, value| {
-        match flag {
-            "--mib" => mib = parse_positive(flag, &value()?)?,
-            "--runs" => runs = parse_positive(flag, &value()?)?,
-            _ => return Ok(false),
-        }
-        Ok(true)
-    })
-    .map_err(Failure::Usage)?;
+    let (mib, runs) = mib_and_runs(args)?;
     let total = mib << 20;
 
     println!(
@@ -130,6 +120,22 @@ pub(crate) fn run(args: &[String]) -> Result<(), Failure> {
          interrupts the device raised on the data queue, kicks = notifications the driver sent."
     );
     Ok(())
+}
+
+/// `--mib N --runs N` (defaults 256 and 3), the flags of the in-process benchmarks.
+pub(crate) fn mib_and_runs(args: &[String]) -> Result<(u64, usize), Failure> {
+    let mut mib: u64 = 256;
+    let mut runs: usize = 3;
+    parse_flags(args, |flag, value| {
+        match flag {
+            "--mib" => mib = parse_positive(flag, &value()?)?,
+            "--runs" => runs = parse_positive(flag, &value()?)?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    })
+    .map_err(Failure::Usage)?;
+    Ok((mib, runs))
 }
 
 /// One test: moves the given number of bytes and measures it.
@@ -200,13 +206,13 @@ impl Pattern {
     }
 }
 
-fn mem_err<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> String {
+pub(crate) fn mem_err<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> String {
     move |e| format!("guest memory: {what}: {e}")
 }
 
 /// The driver's side of one split virtqueue. Every chain is one descriptor, and descriptor `i`
 /// always points at buffer `i`, so a used id names its buffer.
-struct DriverQueue {
+pub(crate) struct DriverQueue {
     size: u16,
     desc: GuestAddress,
     avail: GuestAddress,
@@ -264,17 +270,17 @@ impl DriverQueue {
         Ok((driver, ActivatedQueue { queue, notify }))
     }
 
-    fn buffer(&self, id: u16) -> GuestAddress {
+    pub(crate) fn buffer(&self, id: u16) -> GuestAddress {
         GuestAddress(self.buffers.0 + u64::from(id) * u64::from(BUF_SIZE))
     }
 
     /// A buffer to fill and `post`.
-    fn take_free(&mut self) -> Option<u16> {
+    pub(crate) fn take_free(&mut self) -> Option<u16> {
         self.free.pop()
     }
 
     /// Posts every free buffer, whole, for the device to write.
-    fn fill(&mut self, mem: &GuestMemoryMmap) -> Result<(), String> {
+    pub(crate) fn fill(&mut self, mem: &GuestMemoryMmap) -> Result<(), String> {
         while let Some(id) = self.take_free() {
             self.post(mem, id, BUF_SIZE, true)?;
         }
@@ -282,7 +288,7 @@ impl DriverQueue {
     }
 
     /// Makes buffer `id` (its first `len` bytes) available; the device sees it after `kick`.
-    fn post(
+    pub(crate) fn post(
         &mut self,
         mem: &GuestMemoryMmap,
         id: u16,
@@ -307,7 +313,7 @@ impl DriverQueue {
     }
 
     /// Publishes what `post` added (release: descriptors before the index) and notifies.
-    fn kick(&mut self, mem: &GuestMemoryMmap) -> Result<(), String> {
+    pub(crate) fn kick(&mut self, mem: &GuestMemoryMmap) -> Result<(), String> {
         mem.store(
             self.next_avail.0.to_le(),
             GuestAddress(self.avail.0 + 2),
@@ -320,7 +326,7 @@ impl DriverQueue {
 
     /// Used buffers since the last call: (id, bytes the device wrote). Their buffers are free
     /// again (and keep their contents until posted).
-    fn reap(&mut self, mem: &GuestMemoryMmap) -> Result<Vec<(u16, u32)>, String> {
+    pub(crate) fn reap(&mut self, mem: &GuestMemoryMmap) -> Result<Vec<(u16, u32)>, String> {
         let idx: u16 = mem
             .load(GuestAddress(self.used.0 + 2), Ordering::Acquire)
             .map_err(mem_err("reading the used index"))?;
@@ -346,7 +352,7 @@ impl DriverQueue {
     }
 
     /// Waits for this queue's interrupt (irqfd), STALL at most.
-    fn wait(&mut self, what: &str) -> Result<(), String> {
+    pub(crate) fn wait(&mut self, what: &str) -> Result<(), String> {
         let mut pfd = libc::pollfd {
             fd: self.irq.as_raw_fd(),
             events: libc::POLLIN,
@@ -377,7 +383,7 @@ impl DriverQueue {
     }
 
     /// Interrupt and kick counts since the last call.
-    fn take_counts(&mut self) -> (u64, u64) {
+    pub(crate) fn take_counts(&mut self) -> (u64, u64) {
         // Interrupts not waited for are still in the eventfd's counter.
         self.irqs += self.irq.read().unwrap_or(0);
         (
@@ -407,7 +413,7 @@ impl VirtioInterrupt for Irqfds {
 
 /// Queues for `device` at ring slots `first_slot..`, activated with every feature it offers,
 /// which must include `required`.
-fn activate(
+pub(crate) fn activate(
     device: &Mutex<dyn VirtioDevice>,
     mem: &GuestMemoryMmap,
     first_slot: u64,
