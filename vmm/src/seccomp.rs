@@ -332,6 +332,54 @@ mod tests {
         })
     }
 
+    /// The vmm thread removes the socket files it created at the VM's end under its filter, by
+    /// name relative to the directory held since the bind; a path-based unlink stays
+    /// forbidden (it could remove any host file).
+    #[test]
+    fn the_vmm_thread_removes_its_sockets_but_no_path() {
+        let dir = std::env::temp_dir().join(format!("chapeau-seccomp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("ours.sock");
+        let _ = std::fs::remove_file(&sock);
+        let filters = SeccompFilters::builtin().unwrap();
+        let bound = sock.clone();
+        let child = in_child("vmm-cleanup", move || {
+            let (listener, file) = devices::unix_socket::bind_unix_listener(&bound).unwrap();
+            if apply(&filters, VMM_THREAD).is_err() {
+                // SAFETY: _exit is always safe to call.
+                unsafe { libc::_exit(100) };
+            }
+            drop(listener);
+            drop(file);
+        });
+        assert!(
+            libc::WIFEXITED(child.status) && libc::WEXITSTATUS(child.status) == 0,
+            "{:#x}: {}",
+            child.status,
+            child.stderr
+        );
+        assert!(!sock.exists(), "the socket file must be removed");
+
+        let victim = dir.join("not-ours");
+        std::fs::write(&victim, b"host file").unwrap();
+        let child = in_filtered_child(VMM_THREAD, || {
+            let path = std::env::temp_dir().join(format!(
+                "chapeau-seccomp-{}/not-ours",
+                // SAFETY: getppid has no arguments: the test process's pid names the dir.
+                unsafe { libc::getppid() }
+            ));
+            let _ = std::fs::remove_file(path);
+        });
+        assert_eq!(
+            libc::WEXITSTATUS(child.status),
+            SECCOMP_EXIT_STATUS,
+            "{}",
+            child.stderr
+        );
+        assert!(victim.exists(), "a path-based unlink must be refused");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// A thread that installs `name` and returns, joined by an unfiltered main thread: what
     /// every vCPU does when the VM ends. Returns the child's wait status.
     fn thread_ends_under(name: &'static str) -> i32 {
