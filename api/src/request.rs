@@ -121,8 +121,8 @@ pub enum VmmRequest {
 }
 
 impl VmmRequest {
-    /// Whether the request configures the VM before it starts (409 afterwards).
-    pub fn is_pre_boot(&self) -> bool {
+    /// Whether the request is part of the VM's configuration ([`PendingConfig::apply`]).
+    pub fn is_config(&self) -> bool {
         matches!(
             self,
             VmmRequest::PutMachine(_)
@@ -133,9 +133,12 @@ impl VmmRequest {
                 | VmmRequest::PutPort { .. }
                 | VmmRequest::PutSerial(_)
                 | VmmRequest::PutRng(_)
-                | VmmRequest::PutLogger(_)
-                | VmmRequest::PutMetrics(_)
         )
+    }
+
+    /// Whether the request configures the VMM before the VM starts (409 afterwards).
+    pub fn is_pre_boot(&self) -> bool {
+        self.is_config() || matches!(self, VmmRequest::PutLogger(_) | VmmRequest::PutMetrics(_))
     }
 }
 

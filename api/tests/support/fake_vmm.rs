@@ -53,19 +53,12 @@ impl FakeVmm {
                 ))),
             },
             VmmRequest::PutMetrics(_) => Ok(VmmResponse::Empty),
-            put @ (VmmRequest::PutMachine(_)
-            | VmmRequest::PutBoot(_)
-            | VmmRequest::PutPmem { .. }
-            | VmmRequest::PutNet { .. }
-            | VmmRequest::PutConsole(_)
-            | VmmRequest::PutPort { .. }
-            | VmmRequest::PutSerial(_)
-            | VmmRequest::PutRng(_)) => {
+            VmmRequest::Action(action) => self.action(action),
+            VmmRequest::SetState(requested) => self.set_state(requested),
+            put => {
                 self.pending.apply(put)?;
                 Ok(VmmResponse::Empty)
             }
-            VmmRequest::Action(action) => self.action(action),
-            VmmRequest::SetState(requested) => self.set_state(requested),
         }
     }
 
