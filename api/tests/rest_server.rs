@@ -120,7 +120,7 @@ fn every_route_through_the_lifecycle() {
 }
 
 #[test]
-fn instance_start_names_what_is_missing_or_invalid() {
+fn invalid_values_and_a_missing_boot_source_are_named() {
     let server = TestServer::start("start");
     server.fails(
         "PUT",
@@ -130,14 +130,15 @@ fn instance_start_names_what_is_missing_or_invalid() {
         "no boot source",
     );
     server.ok("PUT", "/boot-source", Some(r#"{"kernel":"/k"}"#));
-    server.ok("PUT", "/machine-config", Some(r#"{"vcpus":0}"#));
+    // A value the VM cannot have is refused where it is given, and changes nothing.
     server.fails(
         "PUT",
-        "/actions",
-        Some(r#"{"action_type":"InstanceStart"}"#),
+        "/machine-config",
+        Some(r#"{"vcpus":0}"#),
         400,
         "machine.vcpus 0",
     );
+    assert_eq!(server.get_json("/vm/config")["machine"]["vcpus"], 1);
     assert_eq!(server.state(), "Not started");
     server.fails(
         "PUT",
