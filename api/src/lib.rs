@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod qemu;
 pub mod request;
 pub mod rest;
 

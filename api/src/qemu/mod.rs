@@ -1,0 +1,12 @@
+//! The QEMU-compatible front end: QEMU's command line as Kata emits it, translated into a
+//! [`crate::VmConfig`], and QMP, translated into [`crate::VmmRequest`]s. Wire only: the binary
+//! owns the sockets and the VM.
+
+pub mod cmdline;
+mod opts;
+pub mod qmp;
+
+pub use cmdline::{
+    parse_qemu_args, FsSecurityModel, QemuError, QemuFsShare, QemuInvocation, QmpEndpoint,
+    QEMU_PROGRAM,
+};
