@@ -163,7 +163,7 @@ fn newer_spelling() {
     assert_eq!(got.config.boot.cmdline, "console=hvc0");
     assert_eq!(got.config.console, ConsoleConfig::Socket("/c.sock".into()));
     assert_eq!(got.config.ports[0].socket, PathBuf::from("/k.sock"));
-    assert_eq!(got.config.pmem[0].readonly, true);
+    assert!(got.config.pmem[0].readonly);
     assert_eq!(
         got.config.rng.as_ref().unwrap().source,
         PathBuf::from("/dev/urandom")
