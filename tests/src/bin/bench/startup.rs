@@ -179,13 +179,15 @@ impl Drop for KvmTrace {
 struct ProcessTrace {
     /// The process's threads seen so far: its pid and what it cloned.
     tids: HashSet<u32>,
-    /// KVM ioctls under way, by thread: when they entered.
-    open: HashMap<u32, u64>,
+    /// KVM ioctls under way, by thread: when they entered and which.
+    open: HashMap<u32, (u64, u64)>,
     exec_ns: Option<u64>,
     first_kvm_run_ns: Option<u64>,
     /// Time inside KVM ioctls other than KVM_RUN before the first KVM_RUN, and how many.
     kvm_ioctl_ns: u64,
     kvm_ioctls: u32,
+    /// The longest of them: (command, ns).
+    slowest_kvm_ioctl: Option<(u64, u64)>,
 }
 
 impl ProcessTrace {
@@ -197,6 +199,7 @@ impl ProcessTrace {
             first_kvm_run_ns: None,
             kvm_ioctl_ns: 0,
             kvm_ioctls: 0,
+            slowest_kvm_ioctl: None,
         }
     }
 
@@ -212,13 +215,17 @@ impl ProcessTrace {
                 if cmd == KVM_RUN {
                     self.first_kvm_run_ns = self.first_kvm_run_ns.or(Some(ns));
                 } else if (cmd >> 8) & 0xff == KVMIO && self.first_kvm_run_ns.is_none() {
-                    self.open.insert(tid, ns);
+                    self.open.insert(tid, (ns, cmd));
                 }
             }
             TraceEvent::IoctlExit { tid, ns } => {
-                if let Some(start) = self.open.remove(&tid) {
-                    self.kvm_ioctl_ns += ns.saturating_sub(start);
+                if let Some((start, cmd)) = self.open.remove(&tid) {
+                    let took = ns.saturating_sub(start);
+                    self.kvm_ioctl_ns += took;
                     self.kvm_ioctls += 1;
+                    if self.slowest_kvm_ioctl.is_none_or(|(_, max)| took > max) {
+                        self.slowest_kvm_ioctl = Some((cmd, took));
+                    }
                 }
             }
             _ => {}
@@ -237,6 +244,8 @@ pub(crate) struct StartupRun {
     cli_run_ms: Option<f64>,
     cli_kvm_ioctl_ms: Option<f64>,
     cli_kvm_ioctls: u32,
+    /// The slowest of those KVM ioctls: (command, ms).
+    cli_slowest_kvm_ioctl: Option<(u64, f64)>,
     /// chapeau only: its own log line's exec → KVM_RUN on the command-line path (cross-check).
     cli_logged_run_ms: Option<f64>,
 }
@@ -504,6 +513,9 @@ fn cli_run(
     run.cli_run_ms = Some(ns_to_ms(exec_ns, first_run));
     run.cli_kvm_ioctl_ms = Some(seen.kvm_ioctl_ns as f64 / 1e6);
     run.cli_kvm_ioctls = seen.kvm_ioctls;
+    run.cli_slowest_kvm_ioctl = seen
+        .slowest_kvm_ioctl
+        .map(|(cmd, ns)| (cmd, ns as f64 / 1e6));
     run.cli_logged_run_ms = logged.ok().map(|ns| ns_to_ms(exec_ns, ns));
     Ok(())
 }
@@ -562,16 +574,46 @@ pub(crate) fn measure(
     Ok(StartupResults { runs: results })
 }
 
+/// `KVM_CREATE_VM 0.250 ms`: the names of the VM-building ioctls (`_IO*(KVMIO, nr)`), else
+/// the number.
+fn kvm_ioctl_name(cmd: u64, ms: f64) -> String {
+    let name = match cmd & 0xff {
+        0x01 => "KVM_CREATE_VM",
+        0x02 => "KVM_GET_MSR_INDEX_LIST",
+        0x03 => "KVM_CHECK_EXTENSION",
+        0x04 => "KVM_GET_VCPU_MMAP_SIZE",
+        0x05 => "KVM_GET_SUPPORTED_CPUID",
+        0x41 => "KVM_CREATE_VCPU",
+        0x46 => "KVM_SET_USER_MEMORY_REGION",
+        0x47 => "KVM_SET_TSS_ADDR",
+        0x48 => "KVM_SET_IDENTITY_MAP_ADDR",
+        0x60 => "KVM_CREATE_IRQCHIP",
+        0x6a => "KVM_SET_GSI_ROUTING",
+        0x71 => "KVM_REINJECT_CONTROL",
+        0x76 => "KVM_IRQFD",
+        0x77 => "KVM_CREATE_PIT2",
+        0x79 => "KVM_IOEVENTFD",
+        0x90 => "KVM_SET_CPUID2",
+        _ => return format!("KVM ioctl {cmd:#x} {ms:.3} ms"),
+    };
+    format!("{name} {ms:.3} ms")
+}
+
 fn startup_line(sys: System, round: usize, runs: usize, r: &StartupRun) -> String {
     let mut line = format!(
         "{:<13} start-up {round}/{runs}  exec->socket {} ms  InstanceStart->KVM_RUN {} ms  \
-         cli exec->KVM_RUN {} ms (KVM ioctls {} ms in {}, own {} ms)",
+         cli exec->KVM_RUN {} ms (KVM ioctls {} ms in {}{}, own {} ms)",
         sys.name(),
         opt_fmt(r.socket_ms, 3),
         opt_fmt(r.start_to_run_ms, 3),
         opt_fmt(r.cli_run_ms, 3),
         opt_fmt(r.cli_kvm_ioctl_ms, 3),
         r.cli_kvm_ioctls,
+        r.cli_slowest_kvm_ioctl
+            .map_or_else(String::new, |(cmd, ms)| format!(
+                ", slowest {}",
+                kvm_ioctl_name(cmd, ms)
+            )),
         opt_fmt(r.own_ms(), 3),
     );
     if let Some(logged) = r.cli_logged_run_ms {
@@ -705,6 +747,7 @@ mod tests {
         assert_eq!(seen.exec_ns, Some(100));
         assert_eq!(seen.first_kvm_run_ns, Some(500));
         assert_eq!((seen.kvm_ioctl_ns, seen.kvm_ioctls), (70, 2));
+        assert_eq!(seen.slowest_kvm_ioctl, Some((0xae01, 50)));
     }
 
     #[test]
