@@ -38,10 +38,42 @@ pub(crate) const SYSTEMS: [System; 2] = [System::Chapeau, System::Firecracker];
 /// is blank for a thread it has not seen scheduled yet, which is exactly a new VMM's case).
 #[derive(Debug, PartialEq)]
 enum TraceEvent {
-    Fork { parent: u32, child: u32 },
-    Exec { pid: u32, ns: u64 },
-    IoctlEnter { tid: u32, ns: u64, cmd: u64 },
-    IoctlExit { tid: u32, ns: u64 },
+    Fork {
+        parent: u32,
+        child: u32,
+        ns: u64,
+    },
+    /// A CPU switched from thread `prev` to thread `next`.
+    Switch {
+        prev: u32,
+        next: u32,
+        ns: u64,
+    },
+    Exec {
+        pid: u32,
+        ns: u64,
+    },
+    IoctlEnter {
+        tid: u32,
+        ns: u64,
+        cmd: u64,
+    },
+    IoctlExit {
+        tid: u32,
+        ns: u64,
+    },
+}
+
+impl TraceEvent {
+    fn ns(&self) -> u64 {
+        match *self {
+            TraceEvent::Fork { ns, .. }
+            | TraceEvent::Switch { ns, .. }
+            | TraceEvent::Exec { ns, .. }
+            | TraceEvent::IoctlEnter { ns, .. }
+            | TraceEvent::IoctlExit { ns, .. } => ns,
+        }
+    }
 }
 
 /// The value of `name=` in a tracepoint's `a=1 b=2` text.
@@ -68,6 +100,14 @@ fn parse_trace_line(line: &str) -> Option<TraceEvent> {
         return Some(TraceEvent::Fork {
             parent: field(args, "pid")?.parse().ok()?,
             child: field(args, "child_pid")?.parse().ok()?,
+            ns,
+        });
+    }
+    if let Some(args) = event.strip_prefix("sched_switch") {
+        return Some(TraceEvent::Switch {
+            prev: field(args, "prev_pid")?.parse().ok()?,
+            next: field(args, "next_pid")?.parse().ok()?,
+            ns,
         });
     }
     if let Some(args) = event.strip_prefix("sched_process_exec") {
@@ -116,6 +156,7 @@ impl KvmTrace {
         trace.write("set_event_pid", &std::process::id().to_string())?;
         for event in [
             "sched/sched_process_fork",
+            "sched/sched_switch",
             "sched/sched_process_exec",
             "syscalls/sys_enter_ioctl",
             "syscalls/sys_exit_ioctl",
@@ -179,6 +220,8 @@ impl Drop for KvmTrace {
 struct ProcessTrace {
     /// The process's threads seen so far: its pid and what it cloned.
     tids: HashSet<u32>,
+    /// Its threads on a CPU now.
+    on_cpu: HashSet<u32>,
     /// KVM ioctls under way, by thread: when they entered and which.
     open: HashMap<u32, (u64, u64)>,
     exec_ns: Option<u64>,
@@ -186,61 +229,102 @@ struct ProcessTrace {
     /// Time inside KVM ioctls other than KVM_RUN before the first KVM_RUN, and how many.
     kvm_ioctl_ns: u64,
     kvm_ioctls: u32,
-    /// Their (enter, exit) times: overlapping ones (on different threads) count once in
-    /// `kvm_busy_ns`.
-    kvm_intervals: Vec<(u64, u64)>,
     /// The longest of them: (command, ns).
     slowest_kvm_ioctl: Option<(u64, u64)>,
+    /// Wall time from exec to the first KVM_RUN during which at least one thread was on a CPU
+    /// outside a KVM ioctl: the VMM's own work, without the waits for a CPU or for the kernel.
+    own_on_cpu_ns: u64,
+    /// Wall time from exec to the first KVM_RUN during which no thread worked on its own but a
+    /// KVM ioctl was under way: what the VMM waited for KVM, overlaps with own work excluded.
+    kvm_wait_ns: u64,
+    /// How many threads are working on their own now, and since when the sum above is current.
+    working: usize,
+    counted_to: u64,
 }
 
 impl ProcessTrace {
-    /// Wall time during which at least one KVM ioctl was in flight.
-    fn kvm_busy_ns(&self) -> u64 {
-        let mut intervals = self.kvm_intervals.clone();
-        intervals.sort_unstable();
-        let mut busy = 0;
-        let mut covered_to = 0;
-        for (start, end) in intervals {
-            let from = start.max(covered_to);
-            busy += end.saturating_sub(from);
-            covered_to = covered_to.max(end);
-        }
-        busy
-    }
-
     fn new(pid: u32) -> ProcessTrace {
         ProcessTrace {
             tids: HashSet::from([pid]),
+            on_cpu: HashSet::new(),
             open: HashMap::new(),
             exec_ns: None,
             first_kvm_run_ns: None,
             kvm_ioctl_ns: 0,
             kvm_ioctls: 0,
-            kvm_intervals: Vec::new(),
             slowest_kvm_ioctl: None,
+            own_on_cpu_ns: 0,
+            kvm_wait_ns: 0,
+            working: 0,
+            counted_to: 0,
+        }
+    }
+
+    fn is_working(&self, tid: u32) -> bool {
+        self.on_cpu.contains(&tid) && !self.open.contains_key(&tid)
+    }
+
+    /// Applies `change` to thread `tid`'s state, keeping the count of working threads.
+    fn update(&mut self, tid: u32, change: impl FnOnce(&mut Self)) {
+        let before = self.is_working(tid);
+        change(self);
+        match (before, self.is_working(tid)) {
+            (false, true) => self.working += 1,
+            (true, false) => self.working -= 1,
+            _ => {}
         }
     }
 
     fn add(&mut self, event: &TraceEvent) {
+        // Own time runs between exec and the first KVM_RUN while any thread works.
+        let ns = event.ns();
+        if self.exec_ns.is_some() && self.first_kvm_run_ns.is_none() && ns > self.counted_to {
+            if self.working > 0 {
+                self.own_on_cpu_ns += ns - self.counted_to;
+            } else if !self.open.is_empty() {
+                self.kvm_wait_ns += ns - self.counted_to;
+            }
+            self.counted_to = ns;
+        }
         match *event {
-            TraceEvent::Fork { parent, child } if self.tids.contains(&parent) => {
+            TraceEvent::Fork { parent, child, .. } if self.tids.contains(&parent) => {
                 self.tids.insert(child);
             }
-            TraceEvent::Exec { pid, ns } if self.tids.contains(&pid) => {
-                self.exec_ns = self.exec_ns.or(Some(ns));
+            TraceEvent::Switch { prev, next, .. } => {
+                if self.tids.contains(&prev) {
+                    self.update(prev, |s| {
+                        s.on_cpu.remove(&prev);
+                    });
+                }
+                if self.tids.contains(&next) {
+                    self.update(next, |s| {
+                        s.on_cpu.insert(next);
+                    });
+                }
+            }
+            TraceEvent::Exec { pid, ns } if self.tids.contains(&pid) && self.exec_ns.is_none() => {
+                // The thread is running: it is the one calling exec.
+                self.exec_ns = Some(ns);
+                self.counted_to = ns;
+                self.update(pid, |s| {
+                    s.on_cpu.insert(pid);
+                });
             }
             TraceEvent::IoctlEnter { tid, ns, cmd } if self.tids.contains(&tid) => {
                 if cmd == KVM_RUN {
                     self.first_kvm_run_ns = self.first_kvm_run_ns.or(Some(ns));
                 } else if (cmd >> 8) & 0xff == KVMIO && self.first_kvm_run_ns.is_none() {
-                    self.open.insert(tid, (ns, cmd));
+                    self.update(tid, |s| {
+                        s.open.insert(tid, (ns, cmd));
+                    });
                 }
             }
             TraceEvent::IoctlExit { tid, ns } => {
-                if let Some((start, cmd)) = self.open.remove(&tid) {
+                let mut ended = None;
+                self.update(tid, |s| ended = s.open.remove(&tid));
+                if let Some((start, cmd)) = ended {
                     let took = ns.saturating_sub(start);
                     self.kvm_ioctl_ns += took;
-                    self.kvm_intervals.push((start, ns));
                     self.kvm_ioctls += 1;
                     if self.slowest_kvm_ioctl.is_none_or(|(_, max)| took > max) {
                         self.slowest_kvm_ioctl = Some((cmd, took));
@@ -262,8 +346,9 @@ pub(crate) struct StartupRun {
     /// Command-line path: exec → first KVM_RUN, and the KVM ioctls inside it.
     cli_run_ms: Option<f64>,
     cli_kvm_ioctl_ms: Option<f64>,
-    /// The same counted once where ioctls on different threads overlap.
-    cli_kvm_busy_ms: Option<f64>,
+    /// Waiting for KVM ioctls and own work on a CPU (see `ProcessTrace`).
+    cli_kvm_wait_ms: Option<f64>,
+    cli_own_on_cpu_ms: Option<f64>,
     cli_kvm_ioctls: u32,
     /// The slowest of those KVM ioctls: (command, ms).
     cli_slowest_kvm_ioctl: Option<(u64, f64)>,
@@ -273,7 +358,7 @@ pub(crate) struct StartupRun {
 
 impl StartupRun {
     fn own_ms(&self) -> Option<f64> {
-        Some(self.cli_run_ms? - self.cli_kvm_busy_ms?)
+        Some(self.cli_run_ms? - self.cli_kvm_wait_ms?)
     }
 }
 
@@ -533,7 +618,8 @@ fn cli_run(
     let first_run = seen.first_kvm_run_ns.unwrap_or(exec_ns);
     run.cli_run_ms = Some(ns_to_ms(exec_ns, first_run));
     run.cli_kvm_ioctl_ms = Some(seen.kvm_ioctl_ns as f64 / 1e6);
-    run.cli_kvm_busy_ms = Some(seen.kvm_busy_ns() as f64 / 1e6);
+    run.cli_kvm_wait_ms = Some(seen.kvm_wait_ns as f64 / 1e6);
+    run.cli_own_on_cpu_ms = Some(seen.own_on_cpu_ns as f64 / 1e6);
     run.cli_kvm_ioctls = seen.kvm_ioctls;
     run.cli_slowest_kvm_ioctl = seen
         .slowest_kvm_ioctl
@@ -624,7 +710,7 @@ fn kvm_ioctl_name(cmd: u64, ms: f64) -> String {
 fn startup_line(sys: System, round: usize, runs: usize, r: &StartupRun) -> String {
     let mut line = format!(
         "{:<13} start-up {round}/{runs}  exec->socket {} ms  InstanceStart->KVM_RUN {} ms  \
-         cli exec->KVM_RUN {} ms (KVM ioctls {} ms in {}{}, in flight {} ms, own {} ms)",
+         cli exec->KVM_RUN {} ms (KVM ioctls {} ms in {}{}, waiting on them {} ms, own {} ms, own on CPU {} ms)",
         sys.name(),
         opt_fmt(r.socket_ms, 3),
         opt_fmt(r.start_to_run_ms, 3),
@@ -636,8 +722,9 @@ fn startup_line(sys: System, round: usize, runs: usize, r: &StartupRun) -> Strin
                 ", slowest {}",
                 kvm_ioctl_name(cmd, ms)
             )),
-        opt_fmt(r.cli_kvm_busy_ms, 3),
+        opt_fmt(r.cli_kvm_wait_ms, 3),
         opt_fmt(r.own_ms(), 3),
+        opt_fmt(r.cli_own_on_cpu_ms, 3),
     );
     if let Some(logged) = r.cli_logged_run_ms {
         line += &format!("  (own log: {logged:.3} ms)");
@@ -648,13 +735,14 @@ fn startup_line(sys: System, round: usize, runs: usize, r: &StartupRun) -> Strin
 /// The start-up table: min / median per system and the chapeau/Firecracker ratio of medians.
 pub(crate) fn print_summary(results: &StartupResults, runs: usize) {
     type Figure = fn(&StartupRun) -> Option<f64>;
-    let figures: [(&str, Figure); 6] = [
+    let figures: [(&str, Figure); 7] = [
         ("exec -> API socket ready", |r| r.socket_ms),
         ("InstanceStart -> first KVM_RUN", |r| r.start_to_run_ms),
         ("cli exec -> first KVM_RUN", |r| r.cli_run_ms),
         ("  KVM ioctls (sum)", |r| r.cli_kvm_ioctl_ms),
-        ("  a KVM ioctl in flight", |r| r.cli_kvm_busy_ms),
-        ("  own share (none in flight)", |r| r.own_ms()),
+        ("  waiting on KVM ioctls", |r| r.cli_kvm_wait_ms),
+        ("  own share (the rest)", |r| r.own_ms()),
+        ("    of which on a CPU", |r| r.cli_own_on_cpu_ms),
     ];
     println!();
     println!(
@@ -688,9 +776,10 @@ pub(crate) fn print_summary(results: &StartupResults, runs: usize) {
         "exec = sched_process_exec, KVM_RUN = sys_enter_ioctl(KVM_RUN) of the VMM (tracefs, \
          trace_clock mono, us resolution); socket ready = first successful connect (polled every \
          {} us); KVM ioctls = time inside KVM ioctls other than KVM_RUN (sys_enter to sys_exit \
-         per thread) before the first KVM_RUN; in flight = the same with overlaps between threads \
-         counted once; own share = the rest of exec -> first KVM_RUN (work done beside an \
-         ioctl on another thread counts as KVM time).",
+         per thread) before the first KVM_RUN; waiting on them = while no VMM thread was on a \
+         CPU outside one (sched_switch), so an ioctl overlapped by own work does not count; own \
+         share = the rest; on a CPU = while a VMM thread ran outside a KVM ioctl (the part that \
+         does not stretch with the host's load).",
         CONNECT_POLL.as_micros()
     );
     for (_, _, failed) in &results.runs {
@@ -712,7 +801,19 @@ mod tests {
             parse_trace_line(fork),
             Some(TraceEvent::Fork {
                 parent: 30600,
-                child: 30642
+                child: 30642,
+                ns: 3_923_600_400_000
+            })
+        );
+        let switch = "  fc_vcpu 0-30650 [001] d..2. 1.000002: sched_switch: prev_comm=fc_vcpu 0 \
+                      prev_pid=30650 prev_prio=120 prev_state=S ==> next_comm=swapper/1 \
+                      next_pid=0 next_prio=120";
+        assert_eq!(
+            parse_trace_line(switch),
+            Some(TraceEvent::Switch {
+                prev: 30650,
+                next: 0,
+                ns: 1_000_002_000
             })
         );
         let exec = "       chapeau-30642   [000] .....  3923.600485: \
@@ -746,37 +847,45 @@ mod tests {
     }
 
     #[test]
-    fn kvm_ioctls_of_the_process_before_its_first_run() {
+    fn kvm_ioctls_and_own_work_before_the_first_run() {
         let mut seen = ProcessTrace::new(9);
         let enter = |tid, ns, cmd| TraceEvent::IoctlEnter { tid, ns, cmd };
         let exit = |tid, ns| TraceEvent::IoctlExit { tid, ns };
+        let switch = |prev, next, ns| TraceEvent::Switch { prev, next, ns };
         for event in [
             TraceEvent::Exec { pid: 9, ns: 100 },
             enter(9, 200, 0xae01), // KVM_CREATE_VM: 50 ns
             exit(9, 250),
-            enter(9, 300, 0x5401), // TCGETS: not KVM
+            enter(9, 300, 0x5401), // TCGETS: not KVM, own work
             exit(9, 310),
             enter(8, 320, 0xae41), // another process
             exit(8, 400),
             TraceEvent::Fork {
                 parent: 9,
                 child: 10,
+                ns: 400,
             },
-            enter(10, 450, 0xae41), // KVM_CREATE_VCPU on the new thread: 20 ns
-            exit(10, 470),
-            enter(10, 500, KVM_RUN),
+            switch(9, 0, 420), // 9 waits (for a CPU): neither own nor KVM
+            switch(0, 10, 430),
+            enter(10, 450, 0x71),   // not KVMIO: own work
+            enter(10, 460, 0xae71), // KVM_REINJECT_CONTROL: 40 ns, asleep from 470
+            switch(10, 9, 470),     // 9 works beside it from 470 to 490
+            switch(9, 0, 490),      // nothing works, 10 is in KVM: 490 to 500 waits on KVM
+            exit(10, 500),
+            enter(10, 550, KVM_RUN),
             enter(9, 600, 0xae41), // after the first run: not counted
             exit(9, 700),
         ] {
             seen.add(&event);
         }
         assert_eq!(seen.exec_ns, Some(100));
-        assert_eq!(seen.first_kvm_run_ns, Some(500));
-        assert_eq!((seen.kvm_ioctl_ns, seen.kvm_ioctls), (70, 2));
-        assert_eq!(seen.kvm_busy_ns(), 70);
-        seen.kvm_intervals = vec![(100, 200), (150, 160), (180, 250), (300, 310)];
-        assert_eq!(seen.kvm_busy_ns(), 160);
+        assert_eq!(seen.first_kvm_run_ns, Some(550));
+        assert_eq!((seen.kvm_ioctl_ns, seen.kvm_ioctls), (90, 2));
         assert_eq!(seen.slowest_kvm_ioctl, Some((0xae01, 50)));
+        // KVM: 200-250 on 9; 460-470 and 490-500 with 10 alone in REINJECT.
+        assert_eq!(seen.kvm_wait_ns, 70);
+        // Own: 100-200, 250-420 on 9; 430-460 on 10; 470-490 on 9.
+        assert_eq!(seen.own_on_cpu_ns, 100 + 170 + 30 + 20);
     }
 
     #[test]
