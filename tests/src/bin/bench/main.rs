@@ -3,7 +3,9 @@
 //! - `bench boot` boots the test guest (`test=poweroff`) with chapeau, QEMU `-M microvm` and QEMU
 //!   `-M pc`, run by run, and reports wall time to `GUEST_BOOT_OK` and to exit, peak RSS, and the
 //!   VMM's own costs (DESIGN.md section 8): exec to first KVM_RUN, CPU time outside the guest, RSS
-//!   beyond the guest memory it touched.
+//!   beyond the guest memory it touched. Before that, start-up figures of chapeau beside
+//!   Firecracker (API socket, InstanceStart and command-line start to the first KVM_RUN; see
+//!   `startup.rs`).
 //! - `bench datapath` drives the real virtio-console (one named port) and virtio-rng in-process
 //!   from a fake driver on the host: MB/s and device-thread CPU time per MiB. No guest, no KVM:
 //!   the number that tracks our datapath from commit to commit.
