@@ -117,17 +117,19 @@ pub fn build_vm(config: &VmConfig, exit: &Arc<ExitNotifier>) -> Result<BuiltVm, 
             .spawn_scoped(scope, || -> Result<VmFd, BuildError> {
                 let vm = vm::create_vm(&kvm, &mem)?;
                 pmem::register_slots(&vm, &images, mem.iter().count() as u32)?;
+                phase("create VM (vm-setup thread)");
                 Ok(vm)
             })
             .map_err(BuildError::Helper)?;
         let loaded = load_guest(&mem, config, &platform);
+        phase("load kernel, initrd, tables");
         let created = creating
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         Ok::<_, BuildError>((created?, loaded?))
     })?;
     let vm = Arc::new(vm);
-    phase("create VM beside loading the kernel, initrd, tables");
+    phase("VM created and guest loaded");
 
     let devices = DeviceManager::build(&vm, &mem, config, exit, images)?;
 
