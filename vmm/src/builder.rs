@@ -37,6 +37,8 @@ pub enum BuildError {
     Pmem(#[from] pmem::PmemError),
     #[error(transparent)]
     Devices(#[from] device_manager::DeviceError),
+    #[error("cannot start the vm-setup thread: {0}")]
+    Helper(std::io::Error),
 }
 
 /// A VM ready to run: everything but the vCPU threads.
@@ -109,13 +111,31 @@ pub fn build_vm(
     phase("guest memory");
     let images = pmem::open_images(&config.pmem, config.machine.memory_mib << 20)?;
     phase("map pmem images");
-    let vm = Arc::new(vm::create_vm(&kvm, &mem)?);
-    pmem::register_slots(&vm, &images, mem.iter().count() as u32)?;
-    phase("create VM");
-
     let platform = device_manager::platform(config, &images);
-    let entry = load_guest(&mem, config, &platform)?;
-    phase("load kernel, initrd, tables");
+    // The VM is created on a helper thread while this one loads the kernel: its ioctls spend
+    // most of their time asleep in the kernel (the first SRCU grace periods of a new VM, in
+    // KVM_SET_USER_MEMORY_REGION or KVM_REINJECT_CONTROL: 5-25 ms on a loaded PVM host), and
+    // the load needs only the memory, not the VM. The helper ends before this block does, and
+    // no seccomp filter is in force before the VM is built, so it needs none of its own.
+    let (vm, entry) = std::thread::scope(|scope| {
+        let creating = std::thread::Builder::new()
+            .name("vm-setup".into())
+            .spawn_scoped(scope, || -> Result<VmFd, BuildError> {
+                let vm = vm::create_vm(&kvm, &mem)?;
+                pmem::register_slots(&vm, &images, mem.iter().count() as u32)?;
+                phase("create VM (vm-setup thread)");
+                Ok(vm)
+            })
+            .map_err(BuildError::Helper)?;
+        let loaded = load_guest(&mem, config, &platform);
+        phase("load kernel, initrd, tables");
+        let created = creating
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        Ok::<_, BuildError>((created?, loaded?))
+    })?;
+    let vm = Arc::new(vm);
+    phase("VM created and guest loaded");
 
     let devices = DeviceManager::build(&vm, &mem, config, exit, images, confinement)?;
 

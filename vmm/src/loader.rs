@@ -14,6 +14,7 @@ mod elf;
 
 use crate::arch::x86_64::layout;
 use crate::host_files::{open_regular, Access, HostFileError};
+use crate::memory;
 
 const ELF_MAGIC: [u8; 4] = *b"\x7fELF";
 const BZIMAGE_HDR_OFFSET: u64 = 0x202;
@@ -120,10 +121,15 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, L
                 })?
                 .len();
             let ram = mem.last_addr().0.saturating_add(1);
-            elf::check(&file, size, ram).map_err(|source| LoadError::Elf {
+            let segments = elf::check(&file, size, ram).map_err(|source| LoadError::Elf {
                 path: path.into(),
                 source,
             })?;
+            for (addr, len) in segments {
+                if let Ok(len) = usize::try_from(len) {
+                    memory::prefault(mem, GuestAddress(addr), len);
+                }
+            }
             let result = Elf::load(mem, None, &mut file, himem).map_err(loader_error)?;
             Ok(LoadedKernel {
                 entry: result.kernel_load,
@@ -186,6 +192,7 @@ pub fn load_initrd(
             room: low_ram_end.saturating_sub(kernel.end.0),
         }
     })?;
+    memory::prefault(mem, addr, size as usize);
     mem.read_exact_volatile_from(addr, &mut file, size as usize)
         .map_err(|source| LoadError::InitrdCopy {
             path: path.into(),

@@ -4,6 +4,8 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::arch::x86_64::layout;
 
+const PAGE_SIZE: usize = 4096;
+
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
     #[error("--memory {requested_mib} MiB is more than this host has ({host_mib} MiB)")]
@@ -70,6 +72,35 @@ fn advise_huge_pages(addr: *mut u8, len: usize) {
     if ret != 0 {
         log::debug!(
             "madvise(MADV_HUGEPAGE) on guest memory: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Faults in the guest pages of `len` bytes at `addr`, which are about to be written whole (the
+/// kernel, the initrd): one MADV_POPULATE_WRITE instead of a page fault per 4 KiB page during
+/// the copy, about 15% of the kernel load. Only advice: where it is refused (Linux before 5.14)
+/// or the range is not in one region, the copy faults the pages in as before.
+pub fn prefault(mem: &GuestMemoryMmap, addr: GuestAddress, len: usize) {
+    let Ok(slice) = mem.get_slice(addr, len) else {
+        return;
+    };
+    let guard = slice.ptr_guard_mut();
+    let start = guard.as_ptr() as usize;
+    let page = start & !(PAGE_SIZE - 1);
+    // SAFETY: the range lies inside one guest RAM mapping this process owns (`get_slice`
+    // checked it), widened down to its page start, which is in the same page-aligned mapping.
+    // MADV_POPULATE_WRITE faults pages in as a write would and changes no byte.
+    let ret = unsafe {
+        libc::madvise(
+            page as *mut libc::c_void,
+            len + (start - page),
+            libc::MADV_POPULATE_WRITE,
+        )
+    };
+    if ret != 0 {
+        log::debug!(
+            "madvise(MADV_POPULATE_WRITE) on guest memory: {}",
             std::io::Error::last_os_error()
         );
     }

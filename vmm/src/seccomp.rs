@@ -177,8 +177,11 @@ extern "C" fn on_sigsys(
 /// /proc/sys/vm/overcommit_memory (check_may_shrink_heap), and once there are more than 8
 /// arenas it asks sched_getaffinity how many to allow. Fixing the arena limit now (glibc's own
 /// default, 8 per CPU) and shrinking one thread arena here leaves neither for later. The trim
-/// threshold is fixed at glibc's default (128 KiB) so that the warm-up's 1 MiB surely trims:
-/// glibc otherwise raises it, up to 64 MiB, each time a large block is freed.
+/// threshold is fixed at glibc's default (128 KiB) so that the warm-up's 256 KiB surely trims:
+/// glibc otherwise raises it, up to 64 MiB, each time a large block is freed. The warm-up takes
+/// four 64 KiB blocks, below the 128 KiB above which malloc maps a block of its own instead of
+/// growing the arena: the arena grows in four steps, where 1024 blocks of 1 KiB grew it page by
+/// page (some 250 mprotect calls, a millisecond before the API socket is served).
 fn prepare_allocator() {
     const TRIM_THRESHOLD: libc::c_int = 128 << 10;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -188,11 +191,11 @@ fn prepare_allocator() {
         libc::mallopt(libc::M_ARENA_MAX, arenas);
         libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
     }
-    // A new thread gets an arena of its own; freeing 1 MiB from it makes glibc trim it.
+    // A new thread gets an arena of its own; freeing 256 KiB from it makes glibc trim it.
     let warm_up = std::thread::Builder::new()
         .name("malloc-warmup".into())
         .spawn(|| {
-            let blocks: Vec<Vec<u8>> = (0..1024).map(|i| vec![i as u8; 1024]).collect();
+            let blocks: Vec<Vec<u8>> = (0..4).map(|i| vec![i as u8; 64 << 10]).collect();
             drop(std::hint::black_box(blocks));
         });
     if let Ok(thread) = warm_up {

@@ -81,8 +81,9 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 }
 
 /// Checks the ELF kernel in `file` (of `size` bytes) for a VM of `ram` bytes (its highest guest
-/// address + 1). Reads only the headers: 64 bytes plus 56 per program header.
-pub fn check(file: &File, size: u64, ram: u64) -> Result<(), ElfError> {
+/// address + 1). Reads only the headers: 64 bytes plus 56 per program header. Returns where
+/// linux-loader will copy file bytes: (guest address, length) of each PT_LOAD segment.
+pub fn check(file: &File, size: u64, ram: u64) -> Result<Vec<(u64, u64)>, ElfError> {
     let read = |buf: &mut [u8], offset: u64| {
         file.read_exact_at(buf, offset)
             .map_err(|e| ElfError::Read(e.to_string()))
@@ -110,6 +111,7 @@ pub fn check(file: &File, size: u64, ram: u64) -> Result<(), ElfError> {
         return Err(ElfError::PhdrsOutside { size });
     }
     let mut phdr = [0u8; PHDR_SIZE as usize];
+    let mut loaded = Vec::new();
     for index in 0..phnum {
         read(&mut phdr, phoff + u64::from(index) * PHDR_SIZE)?;
         let p_type = u32_at(&phdr, 0);
@@ -141,9 +143,10 @@ pub fn check(file: &File, size: u64, ram: u64) -> Result<(), ElfError> {
                     ram,
                 });
             }
+            loaded.push((paddr, filesz));
         }
     }
-    Ok(())
+    Ok(loaded)
 }
 
 #[cfg(test)]
@@ -175,7 +178,7 @@ pub(crate) mod tests {
         p
     }
 
-    fn check_bytes(bytes: &[u8], size: u64) -> Result<(), ElfError> {
+    fn check_bytes(bytes: &[u8], size: u64) -> Result<Vec<(u64, u64)>, ElfError> {
         let path = std::env::temp_dir().join(format!(
             "chapeau-elf-{}-{:?}",
             std::process::id(),
@@ -194,7 +197,7 @@ pub(crate) mod tests {
     fn header_fields_are_checked() {
         let mut elf = header(1);
         elf.extend(phdr(PT_LOAD, 0, 0x100_0000, 64));
-        check_bytes(&elf, 0).unwrap();
+        assert_eq!(check_bytes(&elf, 0), Ok(vec![(0x100_0000, 64)]));
 
         let mut arm = elf.clone();
         arm[E_MACHINE..E_MACHINE + 2].copy_from_slice(&183u16.to_le_bytes());

@@ -10,7 +10,7 @@ use super::*;
 
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 test=poweroff";
 
-const KVM_RUN_MARKER: &str = "first KVM_RUN at monotonic ";
+pub(crate) const KVM_RUN_MARKER: &str = "first KVM_RUN at monotonic ";
 
 /// /proc is sampled densely while the VMM sets up (threads may be short-lived then), sparsely
 /// afterwards so the sampling does not steal much CPU from the guest on a shared machine.
@@ -25,6 +25,10 @@ struct Options {
     systems: Vec<System>,
     guest_dir: PathBuf,
     timeout: Duration,
+    /// Rounds of the start-up figures (chapeau and Firecracker, killed at their first KVM_RUN).
+    startup_runs: usize,
+    /// Only the start-up figures, no full boots (minutes each on a PVM host).
+    startup_only: bool,
 }
 
 fn parse_args(args: &[String]) -> Result<Options, String> {
@@ -39,6 +43,8 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
             .collect(),
         guest_dir: default_guest_dir(),
         timeout: Duration::from_secs(400),
+        startup_runs: 5,
+        startup_only: false,
     };
     parse_flags(args, |flag, value| {
         match flag {
@@ -48,6 +54,8 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
             "--timeout" => opts.timeout = Duration::from_secs(parse_positive(flag, &value()?)?),
             "--guest-dir" => opts.guest_dir = PathBuf::from(value()?),
             "--systems" => opts.systems = parse_systems(&value()?, &System::ALL)?,
+            "--startup-runs" => opts.startup_runs = parse_positive(flag, &value()?)?,
+            "--startup-only" => opts.startup_only = true,
             _ => return Ok(false),
         }
         Ok(true)
@@ -415,6 +423,24 @@ pub(crate) fn run(args: &[String]) -> Result<(), Failure> {
     );
     print_setup(&setup, &opts.systems);
 
+    // First, while the machine is as idle as it gets: milliseconds, not minutes.
+    if opts.systems.iter().any(|s| startup::SYSTEMS.contains(s)) {
+        match startup::measure(
+            &opts.systems,
+            &setup,
+            opts.cpus,
+            opts.memory_mib,
+            opts.startup_runs,
+        ) {
+            Ok(startup) => startup::print_summary(&startup, opts.startup_runs),
+            Err(e) => println!("start-up figures skipped: {e}"),
+        }
+        println!();
+    }
+    if opts.startup_only {
+        return Ok(());
+    }
+
     let mut results: Vec<(System, Vec<RunResult>, Vec<String>)> = opts
         .systems
         .iter()
@@ -461,5 +487,8 @@ mod tests {
         assert!(parse_args(&a("--systems xen")).is_err());
         assert!(parse_args(&a("bench")).is_err());
         assert!(parse_args(&a("--memory")).is_err());
+        let o = parse_args(&a("--startup-only --startup-runs 7")).unwrap();
+        assert!(o.startup_only);
+        assert_eq!(o.startup_runs, 7);
     }
 }

@@ -3,7 +3,9 @@
 //! - `bench boot` boots the test guest (`test=poweroff`) with chapeau, QEMU `-M microvm` and QEMU
 //!   `-M pc`, run by run, and reports wall time to `GUEST_BOOT_OK` and to exit, peak RSS, and the
 //!   VMM's own costs (DESIGN.md section 8): exec to first KVM_RUN, CPU time outside the guest, RSS
-//!   beyond the guest memory it touched.
+//!   beyond the guest memory it touched. Before that, start-up figures of chapeau beside
+//!   Firecracker (API socket, InstanceStart and command-line start to the first KVM_RUN; see
+//!   `startup.rs`).
 //! - `bench datapath` drives the real virtio-console (one named port) and virtio-rng in-process
 //!   from a fake driver on the host: MB/s and device-thread CPU time per MiB. No guest, no KVM:
 //!   the number that tracks our datapath from commit to commit.
@@ -28,9 +30,11 @@ mod datapath;
 mod net;
 mod pmem;
 mod port;
+mod startup;
 
 const USAGE: &str = "usage: bench boot [--runs N] [--cpus N] [--memory MIB] \
 [--systems chapeau,qemu-microvm,qemu-pc,firecracker] [--guest-dir DIR] [--timeout S]
+                  [--startup-runs N] [--startup-only]
        bench datapath [--mib N] [--runs N]
        bench net [--mib N] [--runs N]
        bench port [--mib N] [--systems chapeau,qemu-microvm] [--guest-dir DIR] [--timeout S]
@@ -390,6 +394,19 @@ fn firecracker_available() -> bool {
     std::env::var_os("FIRECRACKER").is_some() || find_in_path("firecracker").is_some()
 }
 
+/// Firecracker ends when the guest resets (i8042), not on ACPI power-off, so its guest is told
+/// to reboot instead of powering off.
+fn firecracker_boot_args(setup: &Setup) -> String {
+    setup.qemu_append.replace("test=poweroff", "test=reboot")
+}
+
+fn firecracker_config_path() -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "chapeau-bench-firecracker-{}.json",
+        std::process::id()
+    ))
+}
+
 /// Firecracker's boot without its API socket: a config file in the same JSON its API takes.
 /// Firecracker ends when the guest resets (i8042), not on ACPI power-off, so its guest is told
 /// to reboot instead of powering off.
@@ -397,7 +414,7 @@ fn firecracker_command(setup: &Setup, cpus: &str, memory: &str) -> Result<Comman
     let firecracker = setup.firecracker.as_ref().ok_or(
         "firecracker not found: build it from source and set FIRECRACKER=PATH or put it on PATH",
     )?;
-    let boot_args = setup.qemu_append.replace("test=poweroff", "test=reboot");
+    let boot_args = firecracker_boot_args(setup);
     let config = serde_json::json!({
         "boot-source": {
             "kernel_image_path": setup.kernel,
@@ -410,13 +427,16 @@ fn firecracker_command(setup: &Setup, cpus: &str, memory: &str) -> Result<Comman
             "mem_size_mib": memory.parse::<u64>().map_err(|e| e.to_string())?,
         },
     });
-    static RUN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let run = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path = std::env::temp_dir().join(format!(
-        "chapeau-bench-firecracker-{}-{run}.json",
-        std::process::id()
-    ));
-    std::fs::write(&path, config.to_string()).map_err(|e| format!("{}: {e}", path.display()))?;
+    // One file per bench process, rewritten for each run (runs are sequential) and removed
+    // when the bench ends; created afresh, so a planted symlink is not followed.
+    let path = firecracker_config_path();
+    let _ = std::fs::remove_file(&path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, config.to_string().as_bytes()))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     let mut cmd = Command::new(firecracker);
     cmd.args(["--no-api", "--level", "Warning", "--config-file"])
         .arg(&path);
@@ -694,6 +714,7 @@ fn main() -> ExitCode {
         "" => Err(Failure::Usage("missing benchmark name".into())),
         other => Err(Failure::Usage(format!("unknown benchmark {other:?}"))),
     };
+    let _ = std::fs::remove_file(firecracker_config_path());
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(e)) => {
