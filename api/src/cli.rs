@@ -6,9 +6,9 @@ use clap::builder::PossibleValue;
 use clap::{Parser, ValueEnum};
 
 use crate::config::{
-    BootConfig, ConfigError, ConsoleConfig, MachineConfig, PmemConfig, PortConfig, PvmParams,
-    RngConfig, SerialConfig, SettingNames, VmConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB,
-    DEFAULT_VCPUS,
+    BootConfig, ConfigError, ConsoleConfig, FsConfig, MachineConfig, PmemConfig, PortConfig,
+    PvmParams, RngConfig, SerialConfig, SettingNames, VmConfig, DEFAULT_CMDLINE,
+    DEFAULT_MEMORY_MIB, DEFAULT_VCPUS,
 };
 
 const LONG_ABOUT: &str = "\
@@ -20,7 +20,7 @@ Describe the VM with flags, or with --config FILE: a JSON file in the same schem
 accepts. The guest's serial console goes where --serial says; chapeau's own log goes to stderr.";
 
 /// Flags that describe the VM; `--config` replaces all of them.
-const VM_FLAGS: [&str; 12] = [
+const VM_FLAGS: [&str; 13] = [
     "kernel",
     "initrd",
     "cmdline",
@@ -32,6 +32,7 @@ const VM_FLAGS: [&str; 12] = [
     "ports",
     "rng",
     "pmem",
+    "fs",
     "thp",
 ];
 
@@ -96,6 +97,16 @@ pub struct Cli {
     )]
     pub pmem: Vec<PmemConfig>,
 
+    /// Shares host directory DIR with the guest over virtio-9p; the guest mounts it with
+    /// `mount -t 9p -o trans=virtio,version=9p2000.L TAG /mnt`. security_model=none (default)
+    /// creates files as chapeau's user, passthrough applies the guest's uid/gid; readonly=on
+    /// refuses every change. Repeat for more.
+    #[arg(
+        long = "fs",
+        value_name = "tag=TAG,path=DIR[,security_model=none|passthrough][,readonly=on|off]"
+    )]
+    pub fs: Vec<FsConfig>,
+
     /// Appends the guest kernel parameters a PVM host needs (PVM emulates guest kernel mode and
     /// cannot run some instructions there); auto = when /sys/module/kvm_pvm exists.
     #[arg(long, value_enum, value_name = "MODE", default_value_t = PvmParams::Auto)]
@@ -123,6 +134,7 @@ const FLAG_NAMES: SettingNames = SettingNames {
     port: "--port",
     rng: "--rng",
     pmem: "--pmem",
+    fs: "--fs",
 };
 
 impl Cli {
@@ -149,6 +161,7 @@ impl Cli {
             ports: self.ports.clone(),
             rng: self.rng.clone(),
             pmem: self.pmem.clone(),
+            fs: self.fs.clone(),
         };
         config.validate_named(&FLAG_NAMES)?;
         Ok(config)
@@ -197,7 +210,7 @@ impl ValueEnum for PvmParams {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::PmemModel;
+    use crate::config::{PmemModel, SecurityModel};
     use clap::error::ErrorKind;
     use clap::CommandFactory;
 
@@ -252,6 +265,7 @@ mod tests {
                 ports: vec![],
                 rng: None,
                 pmem: vec![],
+                fs: vec![],
             }
         );
     }
@@ -416,6 +430,64 @@ mod tests {
         let err = rng(&["--rng", "/dev/hwrng"]).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::ValueValidation);
         assert!(err.to_string().contains("expected source=PATH"), "{err}");
+    }
+
+    #[test]
+    fn fs_flag_forms() {
+        let config = config_of(&[
+            "--kernel",
+            "/k",
+            "--fs",
+            "tag=kataShared,path=/run/shared",
+            "--fs",
+            "readonly=on,security_model=passthrough,path=/data,tag=data",
+        ])
+        .unwrap();
+        assert_eq!(
+            config.fs,
+            vec![
+                FsConfig {
+                    tag: "kataShared".into(),
+                    path: "/run/shared".into(),
+                    security_model: SecurityModel::None,
+                    readonly: false,
+                },
+                FsConfig {
+                    tag: "data".into(),
+                    path: "/data".into(),
+                    security_model: SecurityModel::Passthrough,
+                    readonly: true,
+                },
+            ]
+        );
+        assert_eq!(
+            config.fs[1].to_string(),
+            "tag=data,path=/data,security_model=passthrough,readonly=on"
+        );
+        let err = |value: &str| {
+            parse(&["--kernel", "/k", "--fs", value])
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err("path=/a").contains("missing tag=TAG"));
+        assert!(err("tag=a").contains("missing path=DIR"));
+        assert!(err("tag=a,path=/a,security_model=mapped").contains("expected security_model=none"));
+        let dup = config_of(&[
+            "--kernel",
+            "/k",
+            "--fs",
+            "tag=a,path=/a",
+            "--fs",
+            "tag=a,path=/b",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert_eq!(dup, "invalid --fs tag=\"a\": the tag is given twice");
+        let conflict = parse(&["--config", "/vm.json", "--fs", "tag=a,path=/a"]).unwrap_err();
+        assert!(
+            conflict.to_string().contains("cannot be used with"),
+            "{conflict}"
+        );
     }
 
     #[test]

@@ -8,9 +8,9 @@ pub mod request;
 
 pub use cli::{Cli, LogLevel};
 pub use config::{
-    BootConfig, ConfigError, ConsoleConfig, MachineConfig, PmemConfig, PmemModel, PortConfig,
-    PvmParams, RngConfig, SerialConfig, VmConfig, DEFAULT_RNG_SOURCE, MAX_PMEM_DEVICES, MAX_PORTS,
-    MAX_PORT_NAME_LEN, MAX_VCPUS,
+    BootConfig, ConfigError, ConsoleConfig, FsConfig, MachineConfig, PmemConfig, PmemModel,
+    PortConfig, PvmParams, RngConfig, SecurityModel, SerialConfig, VmConfig, DEFAULT_RNG_SOURCE,
+    MAX_FS_TAG_LEN, MAX_PMEM_DEVICES, MAX_PORTS, MAX_PORT_NAME_LEN, MAX_VCPUS,
 };
 pub use request::{
     Action, ActionType, InstanceInfo, LoggerConfig, MetricsConfig, PendingConfig, RequestError,

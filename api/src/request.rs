@@ -6,7 +6,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
-    BootConfig, ConsoleConfig, MachineConfig, PmemConfig, RngConfig, SerialConfig, VmConfig,
+    BootConfig, ConsoleConfig, FsConfig, MachineConfig, PmemConfig, RngConfig, SerialConfig,
+    VmConfig,
 };
 
 /// Where the VM is in its life.
@@ -100,6 +101,12 @@ pub enum VmmRequest {
         id: String,
         config: PmemConfig,
     },
+    /// `PUT /fs/{tag}`: adds, or replaces, the shared directory with that tag (`config.tag`
+    /// must equal `tag`).
+    PutFs {
+        tag: String,
+        config: FsConfig,
+    },
     PutConsole(ConsoleConfig),
     /// `PUT /ports/{name}` with `{"socket": PATH}`.
     PutPort {
@@ -122,6 +129,7 @@ impl VmmRequest {
             VmmRequest::PutMachine(_)
                 | VmmRequest::PutBoot(_)
                 | VmmRequest::PutPmem { .. }
+                | VmmRequest::PutFs { .. }
                 | VmmRequest::PutConsole(_)
                 | VmmRequest::PutPort { .. }
                 | VmmRequest::PutSerial(_)
@@ -173,6 +181,8 @@ pub struct PendingConfig {
     pub rng: Option<RngConfig>,
     /// pmem images by id, in the order they were first put.
     pub pmem: Vec<(String, PmemConfig)>,
+    /// Shared directories in the order their tags were first put.
+    pub fs: Vec<FsConfig>,
 }
 
 impl PendingConfig {
@@ -191,7 +201,23 @@ impl PendingConfig {
                 .enumerate()
                 .map(|(i, p)| (format!("pmem{i}"), p))
                 .collect(),
+            fs: config.fs,
         }
+    }
+
+    /// `PUT /fs/{tag}`: adds the share, or replaces the one with that tag in place.
+    pub fn put_fs(&mut self, tag: &str, config: FsConfig) -> Result<(), RequestError> {
+        if config.tag != tag {
+            return Err(RequestError::BadRequest(format!(
+                "the body's tag {:?} differs from the path's {tag:?}",
+                config.tag
+            )));
+        }
+        match self.fs.iter_mut().find(|fs| fs.tag == tag) {
+            Some(existing) => *existing = config,
+            None => self.fs.push(config),
+        }
+        Ok(())
     }
 
     /// The configuration to boot, validated; a 400 that names what is missing or wrong.
@@ -209,6 +235,7 @@ impl PendingConfig {
             ports: self.ports.clone(),
             rng: self.rng.clone(),
             pmem: self.pmem.iter().map(|(_, p)| p.clone()).collect(),
+            fs: self.fs.clone(),
         };
         config
             .validate()
@@ -225,6 +252,7 @@ impl PendingConfig {
             "ports": self.ports,
             "rng": self.rng,
             "pmem": self.pmem.iter().map(|(_, p)| p).collect::<Vec<_>>(),
+            "fs": self.fs,
         });
         if let Some(boot) = &self.boot {
             value["boot"] = serde_json::json!(boot);
