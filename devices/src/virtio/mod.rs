@@ -13,6 +13,7 @@
 //! documents): a vCPU never waits for the `vmm` thread.
 
 pub mod console;
+pub mod p9;
 pub mod pmem;
 pub mod rng;
 pub mod single_queue;

@@ -1,0 +1,436 @@
+//! virtio-9p (device type 9): a host directory served to the guest over 9P2000.L, what Kata
+//! mounts as `kataShared`.
+//!
+//! One request queue. The `vmm` event loop only turns the guest's kicks into a wake-up of the
+//! device's worker threads (`9p-1` … `9p-N`): each worker takes a request off the queue,
+//! serves it on the host filesystem (which may block), writes the reply and completes it, so
+//! several requests are in flight at once. A worker confines itself before it touches guest
+//! memory: the VMM's seccomp policy `"9p"` through [`ThreadConfinement`], then Landlock limiting
+//! its filesystem access to the export (see [`landlock_export`]).
+//!
+//! Malformed requests (too short, larger than msize, without a reply buffer, with bad fids)
+//! complete with an Rlerror, or with nothing when there is no room for one.
+
+#[cfg(any(test, feature = "fake-driver"))]
+pub mod fake_driver;
+pub mod server;
+#[cfg(test)]
+mod tests;
+pub mod wire;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use landlock::{
+    Access, AccessFs, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, ABI,
+};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use self::server::{Server, ServerOptions, MAX_MSIZE};
+use self::wire::{encode_error, HEADER_SIZE};
+use super::{
+    ActivateError, ActivatedQueue, InterruptKind, ThreadConfinement, VirtioDevice, VirtioInterrupt,
+    TYPE_9P, VIRTIO_F_VERSION_1,
+};
+
+pub use self::server::Ownership;
+
+pub const QUEUE_SIZE: u16 = 128;
+/// VIRTIO_9P_MOUNT_TAG: the configuration space holds the mount tag.
+pub const VIRTIO_9P_F_MOUNT_TAG: u64 = 1;
+/// Worker threads per device: enough to keep a few host requests in flight on 2-4 vCPUs.
+pub const WORKERS: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum P9Error {
+    #[error("cannot share {}: {source}", path.display())]
+    Export {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the mount tag is empty or longer than 65535 bytes")]
+    Tag,
+    #[error("cannot create the activation eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error("cannot start a 9p worker thread: {0}")]
+    Spawn(std::io::Error),
+}
+
+/// What the workers share with the device.
+struct Active {
+    mem: Arc<GuestMemoryMmap>,
+    queue: Queue,
+    interrupt: Arc<dyn VirtioInterrupt>,
+}
+
+#[derive(Default)]
+struct State {
+    active: Option<Active>,
+    /// Bumped on reset so a request taken before it is not completed on the new queue.
+    generation: u64,
+    paused: bool,
+    in_flight: usize,
+    stop: bool,
+}
+
+struct Shared {
+    server: Server,
+    state: Mutex<State>,
+    /// Signalled on kicks, activation, resume and stop (for workers), and when a request
+    /// completes (for pause and reset, which wait for `in_flight` to drain).
+    changed: Condvar,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+pub struct P9 {
+    config: Vec<u8>,
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    /// Written by activate/reset (vCPU thread) for the event loop side.
+    wake: EventFd,
+    notify: Option<EventFd>,
+    notify_watched: bool,
+    /// Notify eventfds of a reset device, still in epoll until the event loop removes them.
+    retired: Vec<EventFd>,
+}
+
+/// Limits the calling thread's filesystem access to `export` (Landlock, best effort up to the
+/// kernel's ABI): nothing outside it can be opened, created, renamed into or executed, even if
+/// a bug in the server let a path escape. Called by each worker after the VMM's confinement.
+pub fn landlock_export(export: &Path, readonly: bool) -> Result<(), String> {
+    let abi = ABI::V6;
+    let access = if readonly {
+        AccessFs::from_read(abi)
+    } else {
+        AccessFs::from_all(abi)
+    };
+    let fd = PathFd::new(export).map_err(|e| e.to_string())?;
+    Ruleset::default()
+        .handle_access(AccessFs::from_all(abi))
+        .and_then(|r| r.create())
+        .and_then(|r| r.add_rule(PathBeneath::new(fd, access)))
+        .and_then(|r| r.restrict_self())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+impl P9 {
+    /// A device exporting `export` under `tag`, with its workers started (idle until the
+    /// driver activates the device).
+    pub fn new(
+        tag: &str,
+        export: &Path,
+        options: ServerOptions,
+        confinement: Arc<dyn ThreadConfinement>,
+    ) -> Result<Self, P9Error> {
+        let tag_len = u16::try_from(tag.len())
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or(P9Error::Tag)?;
+        let mut config = tag_len.to_le_bytes().to_vec();
+        config.extend_from_slice(tag.as_bytes());
+        let server = Server::new(export, options).map_err(|source| P9Error::Export {
+            path: export.to_path_buf(),
+            source,
+        })?;
+        let shared = Arc::new(Shared {
+            server,
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+        });
+        let mut device = P9 {
+            config,
+            shared,
+            workers: Vec::new(),
+            wake: EventFd::new(libc::EFD_NONBLOCK).map_err(P9Error::EventFd)?,
+            notify: None,
+            notify_watched: false,
+            retired: Vec::new(),
+        };
+        for i in 1..=WORKERS {
+            let shared = device.shared.clone();
+            let confinement = confinement.clone();
+            let export = export.to_path_buf();
+            let readonly = options.readonly;
+            let handle = std::thread::Builder::new()
+                .name(format!("9p-{i}"))
+                .spawn(move || {
+                    let confined = confinement
+                        .confine("9p")
+                        .and_then(|()| landlock_export(&export, readonly));
+                    match confined {
+                        Ok(()) => serve(&shared),
+                        Err(e) => log::error!("virtio-9p: worker {i} cannot confine itself: {e}"),
+                    }
+                })
+                .map_err(P9Error::Spawn)?;
+            device.workers.push(handle);
+        }
+        Ok(device)
+    }
+
+    /// Wakes the workers: the guest posted requests.
+    pub fn kick(&self) {
+        let _state = self.shared.state();
+        self.shared.changed.notify_all();
+    }
+
+    /// Waits until no worker is inside a request.
+    fn drain<'a>(&'a self, mut state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        while state.in_flight > 0 {
+            state = self
+                .shared
+                .changed
+                .wait(state)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        state
+    }
+}
+
+/// A worker: takes requests while the device is active and running, until told to stop.
+fn serve(shared: &Shared) {
+    let mut request = Vec::new();
+    let mut reply = Vec::new();
+    let mut state = shared.state();
+    loop {
+        if state.stop {
+            return;
+        }
+        let generation = state.generation;
+        let paused = state.paused;
+        let taken = match state.active.as_mut() {
+            Some(active) if !paused => {
+                let mem = active.mem.clone();
+                active
+                    .queue
+                    .pop_descriptor_chain(mem.clone())
+                    .map(|chain| (chain, mem, active.interrupt.clone()))
+            }
+            _ => None,
+        };
+        let Some((chain, mem, interrupt)) = taken else {
+            state = shared
+                .changed
+                .wait(state)
+                .unwrap_or_else(|e| e.into_inner());
+            continue;
+        };
+        state.in_flight += 1;
+        drop(state);
+
+        let head = chain.head_index();
+        let written = answer(&shared.server, chain, &mem, &mut request, &mut reply);
+
+        state = shared.state();
+        state.in_flight -= 1;
+        if state.generation == generation {
+            if let Some(active) = state.active.as_mut() {
+                match active.queue.add_used(mem.as_ref(), head, written) {
+                    Ok(()) => {
+                        if active
+                            .queue
+                            .needs_notification(mem.as_ref())
+                            .unwrap_or(true)
+                        {
+                            if let Err(e) = interrupt.trigger(InterruptKind::Queue(0)) {
+                                log::warn!("virtio-9p: cannot interrupt the guest: {e}");
+                            }
+                        }
+                    }
+                    Err(e) => log::warn!("virtio-9p: cannot complete a request: {e:?}"),
+                }
+            }
+        }
+        shared.changed.notify_all();
+    }
+}
+
+/// Reads one request from the chain, serves it and writes the reply; returns the bytes
+/// written. A chain with no room for a reply header completes empty.
+fn answer(
+    server: &Server,
+    chain: virtio_queue::DescriptorChain<Arc<GuestMemoryMmap>>,
+    mem: &GuestMemoryMmap,
+    request: &mut Vec<u8>,
+    reply: &mut Vec<u8>,
+) -> u32 {
+    let Ok(mut reader) = chain.clone().reader(mem) else {
+        return 0;
+    };
+    let Ok(mut writer) = chain.writer(mem) else {
+        return 0;
+    };
+    let max_reply = writer.available_bytes().min(MAX_MSIZE as usize);
+    let available = reader.available_bytes();
+    let mut size = [0u8; 4];
+    let message = reader.read_exact(&mut size).ok().and_then(|()| {
+        let size = u32::from_le_bytes(size) as usize;
+        (HEADER_SIZE..=available.min(server.msize() as usize))
+            .contains(&size)
+            .then_some(size)
+    });
+    match message {
+        Some(size) => {
+            request.clear();
+            request.extend_from_slice(&(size as u32).to_le_bytes());
+            request.resize(size, 0);
+            match reader.read_exact(&mut request[4..]) {
+                Ok(()) => server.handle(request, reply, max_reply),
+                Err(_) => encode_error(reply, u16::MAX, libc::EIO),
+            }
+        }
+        None => {
+            // The tag, if it is there, so the guest can match the error to its request.
+            let mut rest = [0u8; 3];
+            let tag = reader
+                .read_exact(&mut rest)
+                .map_or(u16::MAX, |()| u16::from_le_bytes([rest[1], rest[2]]));
+            encode_error(reply, tag, libc::EINVAL);
+        }
+    }
+    if reply.len() > max_reply || writer.write_all(reply).is_err() {
+        return 0;
+    }
+    reply.len() as u32
+}
+
+impl MutEventSubscriber for P9 {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        use std::os::fd::AsRawFd;
+        if events.fd() == self.wake.as_raw_fd() {
+            let _ = self.wake.read();
+            for fd in self.retired.drain(..) {
+                let _ = ops.remove(Events::new(&fd, EventSet::IN));
+            }
+            if let (Some(notify), false) = (&self.notify, self.notify_watched) {
+                match ops.add(Events::new(notify, EventSet::IN)) {
+                    Ok(()) => self.notify_watched = true,
+                    Err(e) => log::error!("virtio-9p: cannot watch the queue: {e:?}"),
+                }
+            }
+        } else if let Some(notify) = self.notify.as_ref() {
+            if events.fd() != notify.as_raw_fd() {
+                return;
+            }
+            let _ = notify.read();
+        }
+        // Requests may have been posted before activation reached us.
+        self.kick();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.wake, EventSet::IN)) {
+            log::error!("virtio-9p: cannot watch the activation event: {e:?}");
+        }
+    }
+}
+
+impl VirtioDevice for P9 {
+    fn device_type(&self) -> u32 {
+        TYPE_9P
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn avail_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_9P_F_MOUNT_TAG
+    }
+
+    /// No feature changes what the device does.
+    fn set_acked_features(&mut self, _features: u64) {}
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
+        if let Some(src) = self.config.get(start..) {
+            let n = src.len().min(data.len());
+            data[..n].copy_from_slice(&src[..n]);
+        }
+    }
+
+    /// The configuration space is read-only.
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActivatedQueue>,
+    ) -> Result<(), ActivateError> {
+        let got = queues.len();
+        let Some(q) = queues.into_iter().next().filter(|_| got == 1) else {
+            return Err(ActivateError::QueueCount { expected: 1, got });
+        };
+        if !q.queue.ready() {
+            return Err(ActivateError::InvalidQueue { index: 0 });
+        }
+        self.shared.state().active = Some(Active {
+            mem: Arc::new(mem),
+            queue: q.queue,
+            interrupt,
+        });
+        if let Some(old) = self.notify.replace(q.notify) {
+            if self.notify_watched {
+                self.retired.push(old);
+            }
+        }
+        self.notify_watched = false;
+        self.wake.write(1).map_err(ActivateError::Wake)
+    }
+
+    fn reset(&mut self) -> bool {
+        let mut state = self.shared.state();
+        state.active = None;
+        state.generation += 1;
+        // Requests already taken finish on the host but are not completed; wait for them so
+        // no worker touches the old guest memory after the reset.
+        drop(self.drain(state));
+        self.shared.server.reset();
+        if let Some(notify) = self.notify.take() {
+            if self.notify_watched {
+                self.retired.push(notify);
+            }
+            self.notify_watched = false;
+        }
+        let _ = self.wake.write(1);
+        true
+    }
+
+    fn pause(&mut self) {
+        let mut state = self.shared.state();
+        state.paused = true;
+        drop(self.drain(state));
+    }
+
+    fn resume(&mut self) {
+        self.shared.state().paused = false;
+        self.shared.changed.notify_all();
+    }
+}
+
+impl Drop for P9 {
+    fn drop(&mut self) {
+        self.shared.state().stop = true;
+        self.shared.changed.notify_all();
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
+    }
+}
