@@ -14,9 +14,12 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::server::ServerOptions;
-use super::wire::{Encoder, QID_SIZE};
+use super::server::{Ownership, MAX_MSIZE};
+use super::wire::*;
 use super::{P9Error, P9};
-use crate::virtio::{ActivatedQueue, InterruptKind, Unconfined, VirtioDevice, VirtioInterrupt};
+use crate::virtio::{
+    ActivatedQueue, InterruptKind, ThreadConfinement, Unconfined, VirtioDevice, VirtioInterrupt,
+};
 
 const DESC: u64 = 0x1000;
 const AVAIL: u64 = 0x2000;
@@ -55,11 +58,16 @@ pub struct FakeDriver {
 }
 
 impl FakeDriver {
-    /// A device exporting `export`, activated on a fresh queue.
-    pub fn new(export: &Path, options: ServerOptions) -> Result<Self, P9Error> {
+    /// A device exporting `export`, its workers confined by `confinement`, activated on a
+    /// fresh queue.
+    pub fn new(
+        export: &Path,
+        options: ServerOptions,
+        confinement: Arc<dyn ThreadConfinement>,
+    ) -> Result<Self, P9Error> {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
             .map_err(|e| P9Error::EventFd(std::io::Error::other(e.to_string())))?;
-        let mut device = P9::new("test", export, options, Arc::new(Unconfined))?;
+        let mut device = P9::new("test", export, options, confinement)?;
         let mut queue = Queue::new(super::QUEUE_SIZE)
             .map_err(|e| P9Error::EventFd(std::io::Error::other(format!("{e:?}"))))?;
         queue.set_size(super::QUEUE_SIZE);
@@ -224,4 +232,277 @@ pub fn qid_path(body: &[u8]) -> u64 {
     let mut path = [0u8; 8];
     path.copy_from_slice(&body[5..QID_SIZE]);
     u64::from_le_bytes(path)
+}
+
+pub const ROOT: u32 = 1;
+pub const O_RDONLY: u32 = 0;
+pub const O_RDWR: u32 = 2;
+pub const O_CREAT: u32 = 0o100;
+pub const O_DIRECTORY: u32 = 0o200000;
+pub const AT_REMOVEDIR: u32 = 0x200;
+
+/// A 9P client over the fake driver.
+pub struct Client {
+    pub driver: FakeDriver,
+    tag: u16,
+    next_fid: u32,
+}
+
+pub type Reply = Result<Vec<u8>, u32>;
+
+impl Client {
+    /// A client of an unconfined device exporting `export`, attached as fid [`ROOT`].
+    pub fn new(export: &Path, readonly: bool) -> Client {
+        let options = ServerOptions {
+            ownership: Ownership::Vmm,
+            readonly,
+        };
+        Client::over(FakeDriver::new(export, options, Arc::new(Unconfined)).unwrap())
+    }
+
+    /// A client over `driver`, attached as fid [`ROOT`].
+    pub fn over(driver: FakeDriver) -> Client {
+        let mut client = Client {
+            driver,
+            tag: 0,
+            next_fid: 100,
+        };
+        client.version(MAX_MSIZE, "9P2000.L").unwrap();
+        client.attach(ROOT).unwrap();
+        client
+    }
+
+    pub fn call(&mut self, kind: u8, build: impl FnOnce(&mut Encoder)) -> Reply {
+        self.tag = self.tag.wrapping_add(1) % 0xfffe;
+        let tag = self.tag;
+        let reply = self.driver.call(&message(kind, tag, build));
+        let (rkind, body) = parse_reply(&reply);
+        assert_eq!(u16::from_le_bytes([reply[5], reply[6]]), tag);
+        if let Some(errno) = error_of(&reply) {
+            return Err(errno);
+        }
+        assert_eq!(rkind, kind + 1);
+        Ok(body.to_vec())
+    }
+
+    pub fn fid(&mut self) -> u32 {
+        self.next_fid += 1;
+        self.next_fid
+    }
+
+    pub fn version(&mut self, msize: u32, version: &str) -> Result<(u32, Vec<u8>), u32> {
+        let body = self.call(TVERSION, |e| {
+            e.u32(msize).string(version.as_bytes());
+        })?;
+        let mut dec = Decoder::new(&body);
+        Ok((dec.u32().unwrap(), dec.string().unwrap().to_vec()))
+    }
+
+    pub fn attach(&mut self, fid: u32) -> Reply {
+        self.call(TATTACH, |e| {
+            e.u32(fid).u32(u32::MAX).string(b"root").string(b"").u32(0);
+        })
+    }
+
+    /// Walks `names` from `from` to a new fid; returns it and the qids' count.
+    pub fn walk(&mut self, from: u32, names: &[&[u8]]) -> Result<(u32, usize), u32> {
+        let newfid = self.fid();
+        let body = self.call(TWALK, |e| {
+            e.u32(from).u32(newfid).u16(names.len() as u16);
+            for n in names {
+                e.string(n);
+            }
+        })?;
+        let count = u16::from_le_bytes([body[0], body[1]]) as usize;
+        assert_eq!(body.len(), 2 + count * QID_SIZE);
+        Ok((newfid, count))
+    }
+
+    pub fn open(&mut self, path: &[&[u8]], flags: u32) -> Result<u32, u32> {
+        let (fid, n) = self.walk(ROOT, path)?;
+        if n != path.len() {
+            return Err(libc::ENOENT as u32);
+        }
+        self.call(TLOPEN, |e| {
+            e.u32(fid).u32(flags);
+        })?;
+        Ok(fid)
+    }
+
+    pub fn create(&mut self, dir: &[&[u8]], name: &[u8], mode: u32) -> Result<u32, u32> {
+        let (fid, _) = self.walk(ROOT, dir)?;
+        self.call(TLCREATE, |e| {
+            e.u32(fid)
+                .string(name)
+                .u32(O_RDWR | O_CREAT)
+                .u32(mode)
+                .u32(0);
+        })?;
+        Ok(fid)
+    }
+
+    pub fn write(&mut self, fid: u32, offset: u64, data: &[u8]) -> Result<u32, u32> {
+        let body = self.call(TWRITE, |e| {
+            e.u32(fid).u64(offset).u32(data.len() as u32).bytes(data);
+        })?;
+        Ok(Decoder::new(&body).u32().unwrap())
+    }
+
+    pub fn read(&mut self, fid: u32, offset: u64, count: u32) -> Reply {
+        let body = self.call(TREAD, |e| {
+            e.u32(fid).u64(offset).u32(count);
+        })?;
+        let n = Decoder::new(&body).u32().unwrap() as usize;
+        assert_eq!(body.len(), 4 + n);
+        Ok(body[4..].to_vec())
+    }
+
+    pub fn clunk(&mut self, fid: u32) -> Reply {
+        self.call(TCLUNK, |e| {
+            e.u32(fid);
+        })
+    }
+
+    /// (mode, size, nlink) of a fid.
+    pub fn getattr(&mut self, fid: u32) -> Result<(u32, u64, u64), u32> {
+        let body = self.call(TGETATTR, |e| {
+            e.u32(fid).u64(0x7ff);
+        })?;
+        let mut dec = Decoder::new(&body);
+        dec.u64().unwrap();
+        dec.bytes(QID_SIZE).unwrap();
+        let mode = dec.u32().unwrap();
+        dec.u32().unwrap();
+        dec.u32().unwrap();
+        let nlink = dec.u64().unwrap();
+        dec.u64().unwrap();
+        let size = dec.u64().unwrap();
+        Ok((mode, size, nlink))
+    }
+
+    pub fn setattr(
+        &mut self,
+        fid: u32,
+        valid: u32,
+        mode: u32,
+        size: u64,
+        times: [u64; 4],
+    ) -> Reply {
+        self.call(TSETATTR, |e| {
+            e.u32(fid).u32(valid).u32(mode).u32(0).u32(0).u64(size);
+            for t in times {
+                e.u64(t);
+            }
+        })
+    }
+
+    pub fn mkdir(&mut self, dir: u32, name: &[u8]) -> Reply {
+        self.call(TMKDIR, |e| {
+            e.u32(dir).string(name).u32(0o755).u32(0);
+        })
+    }
+
+    pub fn unlinkat(&mut self, dir: u32, name: &[u8], flags: u32) -> Reply {
+        self.call(TUNLINKAT, |e| {
+            e.u32(dir).string(name).u32(flags);
+        })
+    }
+
+    pub fn symlink(&mut self, dir: u32, name: &[u8], target: &[u8]) -> Reply {
+        self.call(TSYMLINK, |e| {
+            e.u32(dir).string(name).string(target).u32(0);
+        })
+    }
+
+    /// Every name in directory fid `dir`, reading `count` bytes per call.
+    pub fn list(&mut self, dir: u32, count: u32) -> Vec<String> {
+        let mut names = Vec::new();
+        let mut offset = 0;
+        loop {
+            let body = self
+                .call(TREADDIR, |e| {
+                    e.u32(dir).u64(offset).u32(count);
+                })
+                .unwrap();
+            let mut dec = Decoder::new(&body);
+            let len = dec.u32().unwrap() as usize;
+            assert!(len <= count as usize);
+            if len == 0 {
+                return names;
+            }
+            while dec.remaining() > 0 {
+                dec.bytes(QID_SIZE).unwrap();
+                offset = dec.u64().unwrap();
+                dec.u8().unwrap();
+                names.push(String::from_utf8(dec.string().unwrap().to_vec()).unwrap());
+            }
+        }
+    }
+}
+
+/// Every operation once, under `dir/` of the export (which it leaves empty): the syscalls a
+/// worker makes, for checking its seccomp policy.
+pub fn exercise(c: &mut Client) {
+    c.mkdir(ROOT, b"dir").unwrap();
+    let (d, _) = c.walk(ROOT, &[b"dir"]).unwrap();
+    let f = c.create(&[b"dir"], b"file", 0o644).unwrap();
+    c.write(f, 0, &[5u8; 70_000]).unwrap();
+    assert_eq!(c.read(f, 0, 70_000).unwrap().len(), 70_000);
+    c.call(TFSYNC, |e| {
+        e.u32(f).u32(1);
+    })
+    .unwrap();
+    c.getattr(f).unwrap();
+    c.setattr(f, 1 | 2 | 4 | 8 | 0x10 | 0x20, 0o600, 10, [0; 4])
+        .unwrap();
+    c.call(TLOCK, |e| {
+        e.u32(f).u8(1).u32(0).u64(0).u64(0).u32(1).string(b"c");
+    })
+    .unwrap();
+    c.call(TGETLOCK, |e| {
+        e.u32(f).u8(1).u64(0).u64(0).u32(1).string(b"c");
+    })
+    .unwrap();
+    let (x, _) = c.walk(d, &[b"file"]).unwrap();
+    c.call(TXATTRCREATE, |e| {
+        e.u32(x).string(b"user.k").u64(1).u32(0);
+    })
+    .unwrap();
+    c.write(x, 0, b"v").unwrap();
+    let _ = c.clunk(x);
+    let lx = c.fid();
+    let _ = c.call(TXATTRWALK, |e| {
+        e.u32(f).u32(lx).string(b"");
+    });
+    c.symlink(d, b"link", b"file").unwrap();
+    let (l, _) = c.walk(d, &[b"link"]).unwrap();
+    c.call(TREADLINK, |e| {
+        e.u32(l);
+    })
+    .unwrap();
+    c.call(TLINK, |e| {
+        e.u32(d).u32(f).string(b"hard");
+    })
+    .unwrap();
+    c.call(TRENAMEAT, |e| {
+        e.u32(d).string(b"hard").u32(d).string(b"hard2");
+    })
+    .unwrap();
+    c.call(TMKNOD, |e| {
+        e.u32(d).string(b"fifo").u32(0o010644).u32(0).u32(0).u32(0);
+    })
+    .unwrap();
+    c.call(TSTATFS, |e| {
+        e.u32(d);
+    })
+    .unwrap();
+    let listing = c.open(&[b"dir"], O_RDONLY | O_DIRECTORY).unwrap();
+    assert_eq!(c.list(listing, 4096).len(), 6);
+    for name in [b"file".as_slice(), b"hard2", b"link", b"fifo"] {
+        c.unlinkat(d, name, 0).unwrap();
+    }
+    c.unlinkat(ROOT, b"dir", AT_REMOVEDIR).unwrap();
+    for fid in [f, l, d, listing] {
+        c.clunk(fid).unwrap();
+    }
 }

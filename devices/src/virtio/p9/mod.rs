@@ -5,8 +5,9 @@
 //! device's worker threads (`9p-1` … `9p-N`): each worker takes a request off the queue,
 //! serves it on the host filesystem (which may block), writes the reply and completes it, so
 //! several requests are in flight at once. A worker confines itself before it touches guest
-//! memory: the VMM's seccomp policy `"9p"` through [`ThreadConfinement`], then Landlock limiting
-//! its filesystem access to the export (see [`landlock_export`]).
+//! memory: Landlock limiting its filesystem access to the export ([`landlock_export`], done
+//! by the worker itself: the VMM's hook does not know the export), then the VMM's seccomp
+//! policy `"9p"` through [`ThreadConfinement`].
 //!
 //! Malformed requests (too short, larger than msize, without a reply buffer, with bad fids)
 //! complete with an Rlerror, or with nothing when there is no room for one.
@@ -167,9 +168,10 @@ impl P9 {
             let handle = std::thread::Builder::new()
                 .name(format!("9p-{i}"))
                 .spawn(move || {
-                    let confined = confinement
-                        .confine("9p")
-                        .and_then(|()| landlock_export(&export, readonly));
+                    // Landlock first: its own syscalls then need no room in the seccomp
+                    // policy. Both come before the worker touches guest memory.
+                    let confined =
+                        landlock_export(&export, readonly).and_then(|()| confinement.confine("9p"));
                     match confined {
                         Ok(()) => serve(&shared),
                         Err(e) => log::error!("virtio-9p: worker {i} cannot confine itself: {e}"),

@@ -10,18 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::fake_driver::{
-    error_of, message, parse_reply, qid_path, FakeDriver, VRING_DESC_F_WRITE,
+    error_of, exercise, message, parse_reply, qid_path, Client, FakeDriver, AT_REMOVEDIR, O_CREAT,
+    O_DIRECTORY, O_RDONLY, O_RDWR, ROOT, VRING_DESC_F_WRITE,
 };
 use super::server::{Ownership, ServerOptions, MAX_MSIZE, MIN_MSIZE};
 use super::wire::*;
 use super::*;
 use vm_memory::Bytes;
-
-const ROOT: u32 = 1;
-const O_RDONLY: u32 = 0;
-const O_RDWR: u32 = 2;
-const O_CREAT: u32 = 0o100;
-const AT_REMOVEDIR: u32 = 0x200;
 
 /// A scratch directory holding `export/` (what the guest sees) and `outside/` (host files
 /// the guest must never reach), removed on drop.
@@ -66,196 +61,6 @@ impl Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A 9P client over the fake driver.
-struct Client {
-    driver: FakeDriver,
-    tag: u16,
-    next_fid: u32,
-}
-
-type Reply = Result<Vec<u8>, u32>;
-
-impl Client {
-    fn new(export: &Path, readonly: bool) -> Client {
-        let driver = FakeDriver::new(
-            export,
-            ServerOptions {
-                ownership: Ownership::Vmm,
-                readonly,
-            },
-        )
-        .unwrap();
-        let mut client = Client {
-            driver,
-            tag: 0,
-            next_fid: 100,
-        };
-        client.version(MAX_MSIZE, "9P2000.L").unwrap();
-        client.attach(ROOT).unwrap();
-        client
-    }
-
-    fn call(&mut self, kind: u8, build: impl FnOnce(&mut Encoder)) -> Reply {
-        self.tag = self.tag.wrapping_add(1) % 0xfffe;
-        let tag = self.tag;
-        let reply = self.driver.call(&message(kind, tag, build));
-        let (rkind, body) = parse_reply(&reply);
-        assert_eq!(u16::from_le_bytes([reply[5], reply[6]]), tag);
-        if let Some(errno) = error_of(&reply) {
-            return Err(errno);
-        }
-        assert_eq!(rkind, kind + 1);
-        Ok(body.to_vec())
-    }
-
-    fn fid(&mut self) -> u32 {
-        self.next_fid += 1;
-        self.next_fid
-    }
-
-    fn version(&mut self, msize: u32, version: &str) -> Result<(u32, Vec<u8>), u32> {
-        let body = self.call(TVERSION, |e| {
-            e.u32(msize).string(version.as_bytes());
-        })?;
-        let mut dec = Decoder::new(&body);
-        Ok((dec.u32().unwrap(), dec.string().unwrap().to_vec()))
-    }
-
-    fn attach(&mut self, fid: u32) -> Reply {
-        self.call(TATTACH, |e| {
-            e.u32(fid).u32(u32::MAX).string(b"root").string(b"").u32(0);
-        })
-    }
-
-    /// Walks `names` from `from` to a new fid; returns it and the qids' count.
-    fn walk(&mut self, from: u32, names: &[&[u8]]) -> Result<(u32, usize), u32> {
-        let newfid = self.fid();
-        let body = self.call(TWALK, |e| {
-            e.u32(from).u32(newfid).u16(names.len() as u16);
-            for n in names {
-                e.string(n);
-            }
-        })?;
-        let count = u16::from_le_bytes([body[0], body[1]]) as usize;
-        assert_eq!(body.len(), 2 + count * QID_SIZE);
-        Ok((newfid, count))
-    }
-
-    fn open(&mut self, path: &[&[u8]], flags: u32) -> Result<u32, u32> {
-        let (fid, n) = self.walk(ROOT, path)?;
-        if n != path.len() {
-            return Err(libc::ENOENT as u32);
-        }
-        self.call(TLOPEN, |e| {
-            e.u32(fid).u32(flags);
-        })?;
-        Ok(fid)
-    }
-
-    fn create(&mut self, dir: &[&[u8]], name: &[u8], mode: u32) -> Result<u32, u32> {
-        let (fid, _) = self.walk(ROOT, dir)?;
-        self.call(TLCREATE, |e| {
-            e.u32(fid)
-                .string(name)
-                .u32(O_RDWR | O_CREAT)
-                .u32(mode)
-                .u32(0);
-        })?;
-        Ok(fid)
-    }
-
-    fn write(&mut self, fid: u32, offset: u64, data: &[u8]) -> Result<u32, u32> {
-        let body = self.call(TWRITE, |e| {
-            e.u32(fid).u64(offset).u32(data.len() as u32).bytes(data);
-        })?;
-        Ok(Decoder::new(&body).u32().unwrap())
-    }
-
-    fn read(&mut self, fid: u32, offset: u64, count: u32) -> Reply {
-        let body = self.call(TREAD, |e| {
-            e.u32(fid).u64(offset).u32(count);
-        })?;
-        let n = Decoder::new(&body).u32().unwrap() as usize;
-        assert_eq!(body.len(), 4 + n);
-        Ok(body[4..].to_vec())
-    }
-
-    fn clunk(&mut self, fid: u32) -> Reply {
-        self.call(TCLUNK, |e| {
-            e.u32(fid);
-        })
-    }
-
-    /// (mode, size, nlink) of a fid.
-    fn getattr(&mut self, fid: u32) -> Result<(u32, u64, u64), u32> {
-        let body = self.call(TGETATTR, |e| {
-            e.u32(fid).u64(0x7ff);
-        })?;
-        let mut dec = Decoder::new(&body);
-        dec.u64().unwrap();
-        dec.bytes(QID_SIZE).unwrap();
-        let mode = dec.u32().unwrap();
-        dec.u32().unwrap();
-        dec.u32().unwrap();
-        let nlink = dec.u64().unwrap();
-        dec.u64().unwrap();
-        let size = dec.u64().unwrap();
-        Ok((mode, size, nlink))
-    }
-
-    fn setattr(&mut self, fid: u32, valid: u32, mode: u32, size: u64, times: [u64; 4]) -> Reply {
-        self.call(TSETATTR, |e| {
-            e.u32(fid).u32(valid).u32(mode).u32(0).u32(0).u64(size);
-            for t in times {
-                e.u64(t);
-            }
-        })
-    }
-
-    fn mkdir(&mut self, dir: u32, name: &[u8]) -> Reply {
-        self.call(TMKDIR, |e| {
-            e.u32(dir).string(name).u32(0o755).u32(0);
-        })
-    }
-
-    fn unlinkat(&mut self, dir: u32, name: &[u8], flags: u32) -> Reply {
-        self.call(TUNLINKAT, |e| {
-            e.u32(dir).string(name).u32(flags);
-        })
-    }
-
-    fn symlink(&mut self, dir: u32, name: &[u8], target: &[u8]) -> Reply {
-        self.call(TSYMLINK, |e| {
-            e.u32(dir).string(name).string(target).u32(0);
-        })
-    }
-
-    /// Every name in directory fid `dir`, reading `count` bytes per call.
-    fn list(&mut self, dir: u32, count: u32) -> Vec<String> {
-        let mut names = Vec::new();
-        let mut offset = 0;
-        loop {
-            let body = self
-                .call(TREADDIR, |e| {
-                    e.u32(dir).u64(offset).u32(count);
-                })
-                .unwrap();
-            let mut dec = Decoder::new(&body);
-            let len = dec.u32().unwrap() as usize;
-            assert!(len <= count as usize);
-            if len == 0 {
-                return names;
-            }
-            while dec.remaining() > 0 {
-                dec.bytes(QID_SIZE).unwrap();
-                offset = dec.u64().unwrap();
-                dec.u8().unwrap();
-                names.push(String::from_utf8(dec.string().unwrap().to_vec()).unwrap());
-            }
-        }
     }
 }
 
@@ -439,7 +244,7 @@ fn readdir_lists_a_large_directory_across_calls() {
         fs::write(export.join(format!("big/entry-{i:04}")), b"").unwrap();
     }
     let mut c = Client::new(&export, false);
-    let d = c.open(&[b"big"], O_RDONLY | 0o200000).unwrap();
+    let d = c.open(&[b"big"], O_RDONLY | O_DIRECTORY).unwrap();
     for count in [300, 8192] {
         let names = c.list(d, count);
         let unique: HashSet<_> = names.iter().cloned().collect();
@@ -846,4 +651,12 @@ fn landlock_limits_a_thread_to_the_export() {
     assert_eq!(confined.1, Err(Some(libc::EACCES)));
     // Only that thread: this one still reads the host file.
     assert_eq!(fs::read(&secret).unwrap(), b"host secret");
+}
+
+#[test]
+fn every_operation_once() {
+    let scratch = Scratch::new("exercise");
+    let mut c = Client::new(&scratch.export(), false);
+    exercise(&mut c);
+    assert_eq!(fs::read_dir(scratch.export()).unwrap().count(), 0);
 }
