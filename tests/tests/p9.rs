@@ -8,7 +8,8 @@ use std::time::Duration;
 use devices::virtio::p9::fake_driver::{exercise, Client, FakeDriver};
 use devices::virtio::p9::server::{Ownership, ServerOptions};
 use devices::virtio::ThreadConfinement;
-use tests::{boot_timeout, guest_file, scratch_dir, Vm, BASE_CMDLINE};
+use std::os::unix::fs::MetadataExt;
+use tests::{boot_timeout, guest_file, initramfs, scratch_dir, Vm, BASE_CMDLINE};
 use vmm::seccomp::SeccompFilters;
 
 /// The VMM's confinement: the seccomp filter of the thread's kind.
@@ -42,4 +43,91 @@ fn workers_run_every_operation_under_their_seccomp_policy() {
     exercise(&mut client);
     drop(client);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn sha256(path: &std::path::Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("run sha256sum");
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// The guest mounts the share as Kata does and runs `test=9p-workload`: every step checked in
+/// the guest, the results and the escape attempts checked here on the host's files.
+#[test]
+fn guest_workload_on_the_share() {
+    let root = export("guest");
+    let share = root.join("share");
+    let outside = root.join("outside");
+    std::fs::create_dir_all(&share).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("secret"), b"host secret").unwrap();
+    std::fs::write(share.join("host-wrote.txt"), b"from-the-host\n").unwrap();
+    std::os::unix::fs::symlink(&outside, share.join("out")).unwrap();
+    let secret_before = std::fs::metadata(outside.join("secret")).unwrap();
+
+    let mut vm = Vm::start(&[
+        "--kernel".to_string(),
+        guest_file("vmlinux").display().to_string(),
+        "--initrd".into(),
+        initramfs().display().to_string(),
+        "--cmdline".into(),
+        format!("{BASE_CMDLINE} test=9p-workload"),
+        "--memory".into(),
+        "256".into(),
+        "--fs".into(),
+        format!("tag=kataShared,path={}", share.display()),
+    ]);
+    let timeout = boot_timeout() + Duration::from_secs(300);
+    vm.wait_for("GUEST_ACTION=9p-workload", timeout);
+    let sha_line = vm.wait_for("GUEST_9P_BIG_SHA=", timeout);
+    vm.wait_for("GUEST_9P_ESCAPES=tried", timeout);
+    let result = vm.wait_for("GUEST_9P_WORKLOAD=", timeout);
+    let status = vm.wait_exit(Duration::from_secs(300));
+    let stdout = vm.stdout();
+    assert!(
+        result.contains("GUEST_9P_WORKLOAD=ok"),
+        "guest workload failed:\n{stdout}"
+    );
+    assert_eq!(status.code(), Some(0), "chapeau exit: {status:?}");
+
+    // What the guest did is on the host.
+    let guest_sha = sha_line
+        .split("GUEST_9P_BIG_SHA=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_default()
+        .to_string();
+    let big = share.join("big");
+    assert_eq!(std::fs::metadata(&big).unwrap().len(), 64 << 20);
+    assert!(sha256(&big).starts_with(&guest_sha), "64 MiB file differs");
+    assert_eq!(std::fs::read(share.join("g")).unwrap(), b"one");
+    assert_eq!(
+        std::fs::metadata(share.join("g")).unwrap().mode() & 0o777,
+        0o640
+    );
+    assert_eq!(std::fs::read_dir(share.join("many")).unwrap().count(), 2000);
+    for gone in ["f", "h", "s", "d", "u"] {
+        assert!(!share.join(gone).exists(), "{gone} should be gone");
+    }
+    // The guest's symlink to /etc is only a link in the share.
+    assert_eq!(
+        std::fs::read_link(share.join("evil")).unwrap(),
+        std::path::Path::new("/etc")
+    );
+    assert!(!std::path::Path::new("/etc/pwned-etc").exists());
+    // Nothing outside the share was touched or read.
+    let names: Vec<_> = std::fs::read_dir(&outside)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["secret"]);
+    let secret_after = std::fs::metadata(outside.join("secret")).unwrap();
+    assert_eq!(
+        std::fs::read(outside.join("secret")).unwrap(),
+        b"host secret"
+    );
+    assert_eq!(secret_after.mtime(), secret_before.mtime());
+    std::fs::remove_dir_all(&root).unwrap();
 }

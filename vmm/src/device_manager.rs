@@ -382,6 +382,7 @@ impl DeviceManager {
 /// guest kernel code is emulated.
 pub fn wants_pci(config: &api::VmConfig) -> bool {
     config.rng.is_some()
+        || !config.fs.is_empty()
         || config.has_virtio_console()
         || config
             .pmem
@@ -408,6 +409,34 @@ fn console_device(config: &api::VmConfig) -> Result<Console, ConsoleError> {
     Console::new(&output, &ports)
 }
 
+/// Confines device threads with the seccomp filter of their kind.
+struct SeccompConfinement(crate::seccomp::SeccompFilters);
+
+impl devices::virtio::ThreadConfinement for SeccompConfinement {
+    fn confine(&self, kind: &str) -> Result<(), String> {
+        crate::seccomp::apply(&self.0, kind).map_err(|e| e.to_string())
+    }
+}
+
+/// A virtio-9p device sharing `fs.path` as `fs.tag`, its workers under the `"9p"` filter.
+fn p9_device(fs: &api::FsConfig) -> Result<devices::virtio::p9::P9, crate::VmmError> {
+    use devices::virtio::p9::{server::ServerOptions, Ownership, P9};
+    let options = ServerOptions {
+        ownership: match fs.security_model {
+            api::SecurityModel::None => Ownership::Vmm,
+            api::SecurityModel::Passthrough => Ownership::Guest,
+        },
+        readonly: fs.readonly,
+    };
+    let confinement = Arc::new(SeccompConfinement(
+        crate::seccomp::SeccompFilters::builtin()?
+    ));
+    P9::new(&fs.tag, &fs.path, options, confinement).map_err(|e| crate::VmmError::Setup {
+        what: "a virtio-9p device",
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
 /// The PCI bus and the devices `config` asks for; adds the config ports to `pio`. `pmem` are
 /// the mapped images: the virtio ones get their device, and every read-only one a guard that
 /// drops the guest's writes to it.
@@ -429,6 +458,10 @@ pub fn build_devices(
     if config.has_virtio_console() {
         let console = console_device(config)?;
         manager.add_virtio_device(Arc::new(Mutex::new(console)))?;
+    }
+    for fs in &config.fs {
+        let device = p9_device(fs)?;
+        manager.add_virtio_device(Arc::new(Mutex::new(device)))?;
     }
     for region in pmem {
         if region.config.readonly {
