@@ -210,6 +210,15 @@ fn stat_name(dir: &OwnedFd, name: &CStr) -> Result<Stat> {
     rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
 }
 
+/// A guest's uid; -1 (which chown reads as "unchanged") is no uid at all.
+fn uid(raw: u32) -> Option<Uid> {
+    (raw != u32::MAX).then(|| Uid::from_raw(raw))
+}
+
+fn gid(raw: u32) -> Option<Gid> {
+    (raw != u32::MAX).then(|| Gid::from_raw(raw))
+}
+
 fn same_file(a: &Stat, b: &Stat) -> bool {
     a.st_dev == b.st_dev && a.st_ino == b.st_ino
 }
@@ -370,15 +379,9 @@ impl Server {
     }
 
     /// Gives a new file the guest's ids under `passthrough`; with `none` it stays ours.
-    fn own(&self, dir: &OwnedFd, name: &CStr, uid: u32, gid: u32) -> Result<()> {
+    fn own(&self, dir: &OwnedFd, name: &CStr, owner: u32, group: u32) -> Result<()> {
         if self.options.ownership == Ownership::Guest {
-            rustix::fs::chownat(
-                dir,
-                name,
-                Some(Uid::from_raw(uid)),
-                Some(Gid::from_raw(gid)),
-                AtFlags::SYMLINK_NOFOLLOW,
-            )?;
+            rustix::fs::chownat(dir, name, uid(owner), gid(group), AtFlags::SYMLINK_NOFOLLOW)?;
         }
         Ok(())
     }
@@ -736,8 +739,8 @@ impl Server {
         let fid = self.fid(dec.u32().map_err(trunc)?)?;
         let valid = dec.u32().map_err(trunc)?;
         let mode = dec.u32().map_err(trunc)?;
-        let uid = dec.u32().map_err(trunc)?;
-        let gid = dec.u32().map_err(trunc)?;
+        let new_uid = dec.u32().map_err(trunc)?;
+        let new_gid = dec.u32().map_err(trunc)?;
         let size = dec.u64().map_err(trunc)?;
         let mut times = [0u64; 4];
         for t in &mut times {
@@ -757,8 +760,8 @@ impl Server {
             )?;
         }
         if valid & (SETATTR_UID | SETATTR_GID) != 0 {
-            let owner = (valid & SETATTR_UID != 0).then(|| Uid::from_raw(uid));
-            let group = (valid & SETATTR_GID != 0).then(|| Gid::from_raw(gid));
+            let owner = uid(new_uid).filter(|_| valid & SETATTR_UID != 0);
+            let group = gid(new_gid).filter(|_| valid & SETATTR_GID != 0);
             let chown = rustix::fs::chownat(
                 fid.path.as_ref(),
                 c"",

@@ -543,6 +543,19 @@ fn malformed_messages_get_rlerror() {
             "type {kind}"
         );
     }
+    // uid/gid -1, chown's "unchanged", is not a crash (found by the fuzzer).
+    c.call(TSETATTR, |e| {
+        e.u32(ROOT)
+            .u32(2 | 4)
+            .u32(0)
+            .u32(u32::MAX)
+            .u32(u32::MAX)
+            .u64(0);
+        for _ in 0..4 {
+            e.u64(0);
+        }
+    })
+    .unwrap();
     // Bad and reused fids.
     assert_eq!(c.getattr(77_777), Err(libc::EBADF as u32));
     assert_eq!(c.attach(ROOT), Err(libc::EBADF as u32));

@@ -7,6 +7,8 @@
 //! - `bench datapath` drives the real virtio-console (one named port) and virtio-rng in-process
 //!   from a fake driver on the host: MB/s and device-thread CPU time per MiB. No guest, no KVM:
 //!   the number that tracks our datapath from commit to commit.
+//! - `bench p9` drives the real virtio-9p device in-process from a fake driver: sequential
+//!   write and read MB/s and small files created, stat'ed and unlinked per second.
 //! - `bench port` boots the guest with `test=echo-port` under chapeau and QEMU (virtio-serial),
 //!   pushes N MiB through the named port `agent.channel.0` and back, and reports round-trip MB/s,
 //!   VMM CPU time during the transfer, and the PCI configuration space accesses of each boot.
@@ -23,12 +25,14 @@ use std::thread::JoinHandle;
 
 mod boot;
 mod datapath;
+mod p9;
 mod pmem;
 mod port;
 
 const USAGE: &str = "usage: bench boot [--runs N] [--cpus N] [--memory MIB] \
 [--systems chapeau,qemu-microvm,qemu-pc,firecracker] [--guest-dir DIR] [--timeout S]
        bench datapath [--mib N] [--runs N]
+       bench p9 [--mib N] [--files N] [--depth N]
        bench port [--mib N] [--systems chapeau,qemu-microvm] [--guest-dir DIR] [--timeout S]
        bench pmem [--image-mib N] [--data-mib N] [--systems chapeau,qemu-pc] [--guest-dir DIR] [--timeout S]";
 
@@ -684,6 +688,7 @@ fn main() -> ExitCode {
     let result = match name {
         "boot" => boot::run(rest),
         "datapath" => datapath::run(rest),
+        "p9" => p9::run(rest),
         "port" => port::run(rest),
         "pmem" => pmem::run(rest),
         "" => Err(Failure::Usage("missing benchmark name".into())),
