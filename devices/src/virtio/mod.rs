@@ -115,6 +115,19 @@ pub trait ThreadConfinement: Send + Sync {
     fn confine(&self, kind: &str) -> Result<(), String>;
 }
 
+/// Reads `data.len()` bytes of a read-only configuration space `config` at `offset`; bytes past
+/// its end read as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(src) = config.get(start..) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+}
+
 /// No confinement: for tests and benchmarks that drive a device in-process.
 pub struct Unconfined;
 

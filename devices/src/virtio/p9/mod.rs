@@ -357,14 +357,7 @@ impl VirtioDevice for P9 {
     fn set_acked_features(&mut self, _features: u64) {}
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(src) = self.config.get(start..) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
+        super::read_config_bytes(&self.config, offset, data);
     }
 
     /// The configuration space is read-only.
@@ -376,13 +369,7 @@ impl VirtioDevice for P9 {
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActivatedQueue>,
     ) -> Result<(), ActivateError> {
-        let got = queues.len();
-        let Some(q) = queues.into_iter().next().filter(|_| got == 1) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
-        if !q.queue.ready() {
-            return Err(ActivateError::InvalidQueue { index: 0 });
-        }
+        let q = super::single_queue::the_one_queue(queues)?;
         self.shared.state().active = Some(Active {
             mem: Arc::new(mem),
             queue: q.queue,
