@@ -79,7 +79,8 @@ fn guest_workload_on_the_share() {
         "--fs".into(),
         format!("tag=kataShared,path={}", share.display()),
     ]);
-    let timeout = boot_timeout() + Duration::from_secs(300);
+    // 2,000 creates and 64 MiB from an emulated guest kernel take minutes on a PVM host.
+    let timeout = boot_timeout() + Duration::from_secs(1500);
     vm.wait_for("GUEST_ACTION=9p-workload", timeout);
     let sha_line = vm.wait_for("GUEST_9P_BIG_SHA=", timeout);
     vm.wait_for("GUEST_9P_ESCAPES=tried", timeout);

@@ -19,6 +19,7 @@ pub mod server;
 mod tests;
 pub mod wire;
 
+use std::collections::{BTreeSet, HashMap};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -34,7 +35,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use self::server::{Server, ServerOptions, MAX_MSIZE};
-use self::wire::{encode_error, HEADER_SIZE};
+use self::wire::{encode_error, HEADER_SIZE, TFLUSH};
 use super::{
     ActivateError, ActivatedQueue, InterruptKind, ThreadConfinement, VirtioDevice, VirtioInterrupt,
     TYPE_9P, VIRTIO_F_VERSION_1,
@@ -79,6 +80,20 @@ struct State {
     paused: bool,
     in_flight: usize,
     stop: bool,
+    /// Sequence number of the next request taken off the queue.
+    next_seq: u64,
+    /// Requests taken but whose tag is not known yet, by sequence number.
+    reading: BTreeSet<u64>,
+    /// Tags of requests taken and not completed yet (a guest may reuse one; hence counts).
+    tags: HashMap<u16, usize>,
+}
+
+impl State {
+    /// Whether a Tflush taken as request `seq` must wait: its `old_tag` is still in flight,
+    /// or a request taken before it might carry that tag.
+    fn flush_waits(&self, seq: u64, old_tag: u16) -> bool {
+        self.tags.contains_key(&old_tag) || self.reading.range(..seq).next().is_some()
+    }
 }
 
 struct Shared {
@@ -231,13 +246,51 @@ fn serve(shared: &Shared) {
             continue;
         };
         state.in_flight += 1;
+        let seq = state.next_seq;
+        state.next_seq += 1;
+        state.reading.insert(seq);
         drop(state);
 
         let head = chain.head_index();
-        let written = answer(&shared.server, chain, &mem, &mut request, &mut reply);
+        let request_tag = read_request(&shared.server, &chain, &mem, &mut request);
+
+        state = shared.state();
+        state.reading.remove(&seq);
+        if let Ok(tag) = request_tag {
+            *state.tags.entry(tag).or_default() += 1;
+        }
+        shared.changed.notify_all();
+        // Rflush may only follow the flushed request's own reply, or the guest could take a
+        // late reply for the next request that reuses the tag.
+        if let Some(old_tag) = flushed_tag(&request, request_tag) {
+            while state.flush_waits(seq, old_tag) {
+                state = shared
+                    .changed
+                    .wait(state)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        drop(state);
+
+        let written = answer(
+            &shared.server,
+            chain,
+            &mem,
+            &request,
+            request_tag,
+            &mut reply,
+        );
 
         state = shared.state();
         state.in_flight -= 1;
+        if let Ok(tag) = request_tag {
+            if let Some(count) = state.tags.get_mut(&tag) {
+                *count -= 1;
+                if *count == 0 {
+                    state.tags.remove(&tag);
+                }
+            }
+        }
         if state.generation == generation {
             if let Some(active) = state.active.as_mut() {
                 match active.queue.add_used(mem.as_ref(), head, written) {
@@ -260,48 +313,64 @@ fn serve(shared: &Shared) {
     }
 }
 
-/// Reads one request from the chain, serves it and writes the reply; returns the bytes
-/// written. A chain with no room for a reply header completes empty.
+/// Reads the request on `chain` into `request`; its tag, or the error to answer with (and the
+/// tag to answer it under) when it is malformed.
+fn read_request(
+    server: &Server,
+    chain: &virtio_queue::DescriptorChain<Arc<GuestMemoryMmap>>,
+    mem: &GuestMemoryMmap,
+    request: &mut Vec<u8>,
+) -> Result<u16, (u16, i32)> {
+    let mut reader = chain
+        .clone()
+        .reader(mem)
+        .map_err(|_| (u16::MAX, libc::EINVAL))?;
+    let available = reader.available_bytes();
+    let mut header = [0u8; HEADER_SIZE];
+    if reader.read_exact(&mut header).is_err() {
+        return Err((u16::MAX, libc::EINVAL));
+    }
+    let tag = u16::from_le_bytes([header[5], header[6]]);
+    let size = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    if !(HEADER_SIZE..=available.min(server.msize() as usize)).contains(&size) {
+        return Err((tag, libc::EINVAL));
+    }
+    request.clear();
+    request.extend_from_slice(&header);
+    request.resize(size, 0);
+    reader
+        .read_exact(&mut request[HEADER_SIZE..])
+        .map_err(|_| (tag, libc::EIO))?;
+    Ok(tag)
+}
+
+/// The tag a well-formed Tflush asks to flush.
+fn flushed_tag(request: &[u8], tag: Result<u16, (u16, i32)>) -> Option<u16> {
+    match (tag, request) {
+        (Ok(own), [_, _, _, _, TFLUSH, _, _, lo, hi, ..]) => {
+            Some(u16::from_le_bytes([*lo, *hi])).filter(|&old| old != own)
+        }
+        _ => None,
+    }
+}
+
+/// Serves `request` (or answers the error `read_request` found) into the chain's writable
+/// part; returns the bytes written. A chain with no room for the reply completes empty.
 fn answer(
     server: &Server,
     chain: virtio_queue::DescriptorChain<Arc<GuestMemoryMmap>>,
     mem: &GuestMemoryMmap,
-    request: &mut Vec<u8>,
+    request: &[u8],
+    request_tag: Result<u16, (u16, i32)>,
     reply: &mut Vec<u8>,
 ) -> u32 {
-    let Ok(mut reader) = chain.clone().reader(mem) else {
-        return 0;
-    };
     let Ok(mut writer) = chain.writer(mem) else {
         return 0;
     };
     let max_reply = writer.available_bytes().min(MAX_MSIZE as usize);
-    let available = reader.available_bytes();
-    let mut size = [0u8; 4];
-    let message = reader.read_exact(&mut size).ok().and_then(|()| {
-        let size = u32::from_le_bytes(size) as usize;
-        (HEADER_SIZE..=available.min(server.msize() as usize))
-            .contains(&size)
-            .then_some(size)
-    });
-    match message {
-        Some(size) => {
-            request.clear();
-            request.extend_from_slice(&(size as u32).to_le_bytes());
-            request.resize(size, 0);
-            match reader.read_exact(&mut request[4..]) {
-                Ok(()) => server.handle(request, reply, max_reply),
-                Err(_) => encode_error(reply, u16::MAX, libc::EIO),
-            }
-        }
-        None => {
-            // The tag, if it is there, so the guest can match the error to its request.
-            let mut rest = [0u8; 3];
-            let tag = reader
-                .read_exact(&mut rest)
-                .map_or(u16::MAX, |()| u16::from_le_bytes([rest[1], rest[2]]));
-            encode_error(reply, tag, libc::EINVAL);
-        }
+    match request_tag {
+        Ok(_) => server.handle(request, reply, max_reply),
+        Err((tag, errno)) => encode_error(reply, tag, errno),
     }
     if reply.len() > max_reply || writer.write_all(reply).is_err() {
         return 0;

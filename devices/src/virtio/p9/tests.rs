@@ -583,8 +583,8 @@ fn malformed_messages_get_rlerror() {
     assert_eq!(parse_reply(&reply).0, TREAD + 1);
     assert_eq!(len, 100);
 
-    // Chains: no reply buffer, a reply buffer too small for an error, a buffer outside
-    // guest memory. Each completes with nothing written.
+    // Chains with no reply buffer or one too small for an error complete with nothing
+    // written; a request outside guest memory gets an Rlerror.
     let req = FakeDriver::request_addr(0);
     let reply_at = FakeDriver::reply_addr(0);
     c.driver
@@ -596,16 +596,20 @@ fn malformed_messages_get_rlerror() {
             vm_memory::GuestAddress(req),
         )
         .unwrap();
-    let chains: [&[(u64, u32, u16)]; 3] = [
+    let chains: [&[(u64, u32, u16)]; 2] = [
         &[(req, 11, 0)],
         &[(req, 11, 0), (reply_at, 5, VRING_DESC_F_WRITE)],
-        &[(1 << 40, 11, 0), (reply_at, 64, VRING_DESC_F_WRITE)],
     ];
     for chain in chains {
         c.driver.post_chain(0, chain);
         c.driver.kick();
         assert_eq!(c.driver.complete(), (0, 0));
     }
+    c.driver
+        .post_chain(0, &[(1 << 40, 11, 0), (reply_at, 64, VRING_DESC_F_WRITE)]);
+    c.driver.kick();
+    assert_eq!(c.driver.complete(), (0, 11));
+    assert_eq!(error_of(&c.driver.reply(0, 11)), einval);
     // The device still works.
     assert!(c.getattr(ROOT).is_ok());
 }
@@ -672,4 +676,36 @@ fn every_operation_once() {
     let mut c = Client::new(&scratch.export(), false);
     exercise(&mut c);
     assert_eq!(fs::read_dir(scratch.export()).unwrap().count(), 0);
+}
+
+#[test]
+fn rflush_follows_the_flushed_reply() {
+    let scratch = Scratch::new("flush");
+    let export = scratch.export();
+    fs::write(export.join("f"), vec![3u8; 256 << 10]).unwrap();
+    let mut c = Client::new(&export, false);
+    let f = c.open(&[b"f"], O_RDONLY).unwrap();
+    assert_eq!(
+        c.call(TFLUSH, |e| {
+            e.u16(4321);
+        }),
+        Ok(vec![])
+    );
+    for _ in 0..50 {
+        let read = message(TREAD, 7, |e| {
+            e.u32(f).u64(0).u32(256 << 10);
+        });
+        let flush = message(TFLUSH, 8, |e| {
+            e.u16(7);
+        });
+        c.driver.submit(0, &read, 300 << 10);
+        c.driver.submit(1, &flush, 64);
+        c.driver.kick();
+        assert_eq!(
+            c.driver.complete().0,
+            0,
+            "Rflush came before the flushed reply"
+        );
+        assert_eq!(c.driver.complete().0, 2);
+    }
 }
