@@ -9,7 +9,7 @@ use devices::virtio::p9::fake_driver::{exercise, Client, FakeDriver};
 use devices::virtio::p9::server::{Ownership, ServerOptions};
 use devices::virtio::ThreadConfinement;
 use std::os::unix::fs::MetadataExt;
-use tests::{boot_timeout, guest_file, initramfs, scratch_dir, Vm, BASE_CMDLINE};
+use tests::{boot_timeout, guest_file, initramfs, is_pvm_host, scratch_dir, Vm, BASE_CMDLINE};
 use vmm::seccomp::SeccompFilters;
 
 /// The VMM's confinement: the seccomp filter of the thread's kind.
@@ -67,13 +67,15 @@ fn guest_workload_on_the_share() {
     std::os::unix::fs::symlink(&outside, share.join("out")).unwrap();
     let secret_before = std::fs::metadata(outside.join("secret")).unwrap();
 
+    // Where guest kernel code is emulated (PVM) 64 MiB take the guest most of an hour.
+    let big_mib: u64 = if is_pvm_host() { 8 } else { 64 };
     let mut vm = Vm::start(&[
         "--kernel".to_string(),
         guest_file("vmlinux").display().to_string(),
         "--initrd".into(),
         initramfs().display().to_string(),
         "--cmdline".into(),
-        format!("{BASE_CMDLINE} test=9p-workload"),
+        format!("{BASE_CMDLINE} test=9p-workload p9_big_mib={big_mib}"),
         "--memory".into(),
         "256".into(),
         "--fs".into(),
@@ -101,8 +103,11 @@ fn guest_workload_on_the_share() {
         .unwrap_or_default()
         .to_string();
     let big = share.join("big");
-    assert_eq!(std::fs::metadata(&big).unwrap().len(), 64 << 20);
-    assert!(sha256(&big).starts_with(&guest_sha), "64 MiB file differs");
+    assert_eq!(std::fs::metadata(&big).unwrap().len(), big_mib << 20);
+    assert!(
+        !guest_sha.is_empty() && sha256(&big).starts_with(&guest_sha),
+        "the {big_mib} MiB file differs"
+    );
     assert_eq!(std::fs::read(share.join("g")).unwrap(), b"one");
     assert_eq!(
         std::fs::metadata(share.join("g")).unwrap().mode() & 0o777,
