@@ -27,7 +27,8 @@ use std::thread::JoinHandle;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use landlock::{
-    Access, AccessFs, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, ABI,
+    Access, AccessFs, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus,
+    ABI,
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -138,7 +139,11 @@ pub fn landlock_export(export: &Path, readonly: bool) -> Result<(), String> {
         .and_then(|r| r.create())
         .and_then(|r| r.add_rule(PathBeneath::new(fd, access)))
         .and_then(|r| r.restrict_self())
-        .map(|_| ())
+        .map(|status| {
+            if status.ruleset == RulesetStatus::NotEnforced {
+                log::warn!("virtio-9p: this kernel has no Landlock; the workers rely on seccomp");
+            }
+        })
         .map_err(|e| e.to_string())
 }
 

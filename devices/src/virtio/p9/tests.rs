@@ -709,3 +709,44 @@ fn rflush_follows_the_flushed_reply() {
         assert_eq!(c.driver.complete().0, 2);
     }
 }
+
+#[test]
+fn passthrough_applies_the_guest_ids_and_none_keeps_ours() {
+    let scratch = Scratch::new("owners");
+    let export = scratch.export();
+    let lcreate = |c: &mut Client, name: &[u8]| {
+        let (dir, _) = c.walk(ROOT, &[]).unwrap();
+        c.call(TLCREATE, |e| {
+            e.u32(dir)
+                .string(name)
+                .u32(O_RDWR | O_CREAT)
+                .u32(0o644)
+                .u32(1234);
+        })
+        .map(|_| dir)
+    };
+    let options = ServerOptions {
+        ownership: Ownership::Guest,
+        readonly: false,
+    };
+    let driver = FakeDriver::new(&export, options, Arc::new(crate::virtio::Unconfined)).unwrap();
+    let mut c = Client::over(driver);
+    let f = lcreate(&mut c, b"theirs").unwrap();
+    assert_eq!(fs::metadata(export.join("theirs")).unwrap().gid(), 1234);
+    c.call(TSETATTR, |e| {
+        e.u32(f).u32(2).u32(0).u32(4321).u32(0).u64(0);
+        for _ in 0..4 {
+            e.u64(0);
+        }
+    })
+    .unwrap();
+    assert_eq!(fs::metadata(export.join("theirs")).unwrap().uid(), 4321);
+    drop(c);
+
+    let mut c = Client::new(&export, false);
+    lcreate(&mut c, b"ours").unwrap();
+    let ours = fs::metadata(export.join("ours")).unwrap();
+    // The export was made by this process: its owner is the VMM's user.
+    let vmm = fs::metadata(&export).unwrap();
+    assert_eq!((ours.uid(), ours.gid()), (vmm.uid(), vmm.gid()));
+}
