@@ -6,8 +6,8 @@ use clap::builder::PossibleValue;
 use clap::{Parser, ValueEnum};
 
 use crate::config::{
-    BootConfig, ConfigError, ConsoleConfig, MachineConfig, NetConfig, PmemConfig, PortConfig,
-    PvmParams, RngConfig, SerialConfig, SettingNames, VmConfig, DEFAULT_CMDLINE,
+    BootConfig, ConfigError, ConsoleConfig, FsConfig, MachineConfig, NetConfig, PmemConfig,
+    PortConfig, PvmParams, RngConfig, SerialConfig, SettingNames, VmConfig, DEFAULT_CMDLINE,
     DEFAULT_MEMORY_MIB, DEFAULT_VCPUS,
 };
 
@@ -20,7 +20,7 @@ Describe the VM with flags, or with --config FILE: a JSON file in the same schem
 accepts. The guest's serial console goes where --serial says; chapeau's own log goes to stderr.";
 
 /// Flags that describe the VM; `--config` replaces all of them.
-const VM_FLAGS: [&str; 13] = [
+const VM_FLAGS: [&str; 14] = [
     "kernel",
     "initrd",
     "cmdline",
@@ -32,6 +32,7 @@ const VM_FLAGS: [&str; 13] = [
     "ports",
     "rng",
     "pmem",
+    "fs",
     "thp",
     "net",
 ];
@@ -106,6 +107,15 @@ pub struct Cli {
         value_name = "tap=NAME,mac=MAC[,queues=N][,vhost=auto|on|off] | fd=N[:M..],mac=MAC[,vhostfd=K[:L..]]"
     )]
     pub net: Vec<NetConfig>,
+    /// Shares host directory DIR with the guest over virtio-9p; the guest mounts it with
+    /// `mount -t 9p -o trans=virtio,version=9p2000.L TAG /mnt`. security_model=none (default)
+    /// creates files as chapeau's user, passthrough applies the guest's uid/gid; readonly=on
+    /// refuses every change. Repeat for more.
+    #[arg(
+        long = "fs",
+        value_name = "tag=TAG,path=DIR[,security_model=none|passthrough][,readonly=on|off]"
+    )]
+    pub fs: Vec<FsConfig>,
 
     /// Appends the guest kernel parameters a PVM host needs (PVM emulates guest kernel mode and
     /// cannot run some instructions there); auto = when /sys/module/kvm_pvm exists.
@@ -145,6 +155,7 @@ const FLAG_NAMES: SettingNames = SettingNames {
     rng: "--rng",
     pmem: "--pmem",
     net: "--net",
+    fs: "--fs",
 };
 
 impl Cli {
@@ -181,6 +192,7 @@ impl Cli {
             rng: self.rng.clone(),
             pmem: self.pmem.clone(),
             net: self.net.clone(),
+            fs: self.fs.clone(),
         };
         config.validate_named(&FLAG_NAMES)?;
         Ok(config)
@@ -229,7 +241,7 @@ impl ValueEnum for PvmParams {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::PmemModel;
+    use crate::config::{PmemModel, SecurityModel};
     use clap::error::ErrorKind;
     use clap::CommandFactory;
 
@@ -285,6 +297,7 @@ mod tests {
                 rng: None,
                 pmem: vec![],
                 net: vec![],
+                fs: vec![],
             }
         );
     }
@@ -490,6 +503,64 @@ mod tests {
             "tap=t,mac=52:54:00:00:00:01",
         ]);
         assert_eq!(err.unwrap_err().kind(), ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
+    fn fs_flag_forms() {
+        let config = config_of(&[
+            "--kernel",
+            "/k",
+            "--fs",
+            "tag=kataShared,path=/run/shared",
+            "--fs",
+            "readonly=on,security_model=passthrough,path=/data,tag=data",
+        ])
+        .unwrap();
+        assert_eq!(
+            config.fs,
+            vec![
+                FsConfig {
+                    tag: "kataShared".into(),
+                    path: "/run/shared".into(),
+                    security_model: SecurityModel::None,
+                    readonly: false,
+                },
+                FsConfig {
+                    tag: "data".into(),
+                    path: "/data".into(),
+                    security_model: SecurityModel::Passthrough,
+                    readonly: true,
+                },
+            ]
+        );
+        assert_eq!(
+            config.fs[1].to_string(),
+            "tag=data,path=/data,security_model=passthrough,readonly=on"
+        );
+        let err = |value: &str| {
+            parse(&["--kernel", "/k", "--fs", value])
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err("path=/a").contains("missing tag=TAG"));
+        assert!(err("tag=a").contains("missing path=DIR"));
+        assert!(err("tag=a,path=/a,security_model=mapped").contains("expected security_model=none"));
+        let dup = config_of(&[
+            "--kernel",
+            "/k",
+            "--fs",
+            "tag=a,path=/a",
+            "--fs",
+            "tag=a,path=/b",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert_eq!(dup, "invalid --fs tag=\"a\": the tag is given twice");
+        let conflict = parse(&["--config", "/vm.json", "--fs", "tag=a,path=/a"]).unwrap_err();
+        assert!(
+            conflict.to_string().contains("cannot be used with"),
+            "{conflict}"
+        );
     }
 
     #[test]

@@ -40,6 +40,12 @@ pub const MAX_NET_DEVICES: usize = 8;
 pub const MAX_NET_QUEUE_PAIRS: u16 = 16;
 /// Linux's `IFNAMSIZ` counts the terminating NUL: an interface name is at most 15 bytes.
 pub const MAX_TAP_NAME_LEN: usize = 15;
+/// Longest 9p mount tag. The virtio-9p config space carries a u16 length, but QEMU refuses
+/// tags over 255 bytes (MAX_TAG_LEN) and Kata's runtime is written against QEMU: the same limit
+/// means every tag Kata passes QEMU works here, and no longer one does.
+pub const MAX_FS_TAG_LEN: usize = 255;
+/// Most virtio-9p devices a VM may have; Kata uses one.
+pub const MAX_FS_DEVICES: usize = 8;
 /// `sun_path` is 108 bytes including the terminating NUL.
 pub const MAX_SOCKET_PATH_LEN: usize = 107;
 
@@ -68,6 +74,9 @@ pub struct VmConfig {
     /// virtio-net interfaces, each on a tap.
     #[serde(default)]
     pub net: Vec<NetConfig>,
+    /// Host directories shared with the guest over virtio-9p, one device each.
+    #[serde(default)]
+    pub fs: Vec<FsConfig>,
 }
 
 impl VmConfig {
@@ -436,6 +445,93 @@ impl fmt::Display for PmemConfig {
     }
 }
 
+/// Who owns what the guest creates on a 9p share (QEMU's `security_model`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SecurityModel {
+    /// Files belong to the VMM's user; failing ownership changes are not errors (Kata's).
+    #[default]
+    None,
+    /// The guest's uid and gid are applied to what it creates and chowns.
+    Passthrough,
+}
+
+impl SecurityModel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SecurityModel::None => "none",
+            SecurityModel::Passthrough => "passthrough",
+        }
+    }
+}
+
+/// A host directory shared with the guest over virtio-9p, mounted by its tag. JSON:
+/// `{"tag": T, "path": DIR, "security_model": "none"|"passthrough", "readonly": bool}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    pub tag: String,
+    pub path: PathBuf,
+    #[serde(default)]
+    pub security_model: SecurityModel,
+    /// Every change the guest asks for fails with EROFS.
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+const FS_FORM: &str = "tag=TAG,path=DIR[,security_model=none|passthrough][,readonly=on|off]";
+
+/// The `--fs` syntax: `tag=TAG,path=DIR[,security_model=none|passthrough][,readonly=on|off]`.
+impl FromStr for FsConfig {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let syntax = |msg: String| ConfigError::FsSyntax(msg);
+        let [tag, path, security_model, readonly] =
+            key_values(s, ["tag", "path", "security_model", "readonly"], FS_FORM)
+                .map_err(syntax)?;
+        let tag = tag.ok_or_else(|| syntax(format!("missing tag=TAG (expected {FS_FORM})")))?;
+        let path = path.ok_or_else(|| syntax(format!("missing path=DIR (expected {FS_FORM})")))?;
+        let security_model = match security_model {
+            None | Some("none") => SecurityModel::None,
+            Some("passthrough") => SecurityModel::Passthrough,
+            Some(other) => {
+                return Err(syntax(format!(
+                    "security_model={other}: expected security_model=none or security_model=passthrough"
+                )))
+            }
+        };
+        let readonly = match readonly {
+            None | Some("off") => false,
+            Some("on") => true,
+            Some(other) => {
+                return Err(syntax(format!(
+                    "readonly={other}: expected readonly=on or readonly=off"
+                )))
+            }
+        };
+        Ok(FsConfig {
+            tag: tag.to_string(),
+            path: PathBuf::from(path),
+            security_model,
+            readonly,
+        })
+    }
+}
+
+impl fmt::Display for FsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "tag={},path={},security_model={},readonly={}",
+            self.tag,
+            self.path.display(),
+            self.security_model.as_str(),
+            if self.readonly { "on" } else { "off" }
+        )
+    }
+}
+
 /// Everything that can be wrong with a configuration. Each message is one line meant for the user.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -494,6 +590,9 @@ pub enum ConfigError {
     /// A bad `--net` value.
     #[error("{0}")]
     NetSyntax(String),
+    /// A bad `--fs` value.
+    #[error("{0}")]
+    FsSyntax(String),
 }
 
 fn spaced(value: &str) -> String {
@@ -519,6 +618,7 @@ pub(crate) struct SettingNames {
     pub rng: &'static str,
     pub pmem: &'static str,
     pub net: &'static str,
+    pub fs: &'static str,
 }
 
 const JSON_NAMES: SettingNames = SettingNames {
@@ -534,6 +634,7 @@ const JSON_NAMES: SettingNames = SettingNames {
     rng: "rng.source",
     pmem: "pmem",
     net: "net",
+    fs: "fs",
 };
 
 impl VmConfig {
@@ -649,6 +750,57 @@ impl VmConfig {
         }
         if let Err((value, reason)) = net::validate_nets(&self.net) {
             return invalid(names.net, value, reason);
+        }
+        self.validate_fs(names)
+    }
+
+    fn validate_fs(&self, names: &SettingNames) -> Result<(), ConfigError> {
+        let invalid = |value: String, reason: String| {
+            Err(ConfigError::Invalid {
+                setting: names.fs,
+                value,
+                reason,
+            })
+        };
+        if self.fs.len() > MAX_FS_DEVICES {
+            return invalid(
+                String::new(),
+                format!(
+                    "{} shared directories given, at most {MAX_FS_DEVICES} are supported",
+                    self.fs.len()
+                ),
+            );
+        }
+        for (i, fs) in self.fs.iter().enumerate() {
+            let tag = &fs.tag;
+            let shown = format!("tag={tag:?}");
+            if tag.is_empty() {
+                return invalid(shown, "the tag is empty".into());
+            }
+            if tag.len() > MAX_FS_TAG_LEN {
+                return invalid(
+                    format!("({} bytes)", tag.len()),
+                    format!("a tag is at most {MAX_FS_TAG_LEN} bytes"),
+                );
+            }
+            if let Some(c) = tag
+                .chars()
+                .find(|&c| c == '\0' || c == ',' || c.is_whitespace())
+            {
+                return invalid(
+                    shown,
+                    format!("a tag cannot contain {c:?} (the guest mounts it by name)"),
+                );
+            }
+            if self.fs[..i].iter().any(|other| other.tag == *tag) {
+                return invalid(shown, "the tag is given twice".into());
+            }
+            if !fs.path.is_absolute() {
+                return invalid(
+                    format!("path={}", fs.path.display()),
+                    "the path must be absolute".into(),
+                );
+            }
         }
         Ok(())
     }
@@ -875,10 +1027,56 @@ mod tests {
                 rng: None,
                 pmem: vec![],
                 net: vec![],
+                fs: vec![],
             }
         );
         assert!(!config.has_virtio_console());
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn fs_json_defaults_and_validation() {
+        let config = VmConfig::from_json(
+            r#"{"boot":{"kernel":"/k"},"fs":[{"tag":"kataShared","path":"/run/s"},{"tag":"b","path":"/b","security_model":"passthrough","readonly":true}]}"#,
+        )
+        .unwrap();
+        assert_eq!(config.fs[0].security_model, SecurityModel::None);
+        assert!(!config.fs[0].readonly);
+        assert_eq!(config.fs[1].security_model, SecurityModel::Passthrough);
+        assert!(config.fs[1].readonly);
+        config.validate().unwrap();
+        let err = err_of(r#"{"boot":{"kernel":"/k"},"fs":[{"tag":"a","path":"/a","cache":1}]}"#);
+        assert!(err.contains("unknown field `cache`"), "{err}");
+
+        let invalid = |fs: Vec<FsConfig>| {
+            let mut config = config.clone();
+            config.fs = fs;
+            config.validate().unwrap_err().to_string()
+        };
+        let share = |tag: &str, path: &str| FsConfig {
+            tag: tag.into(),
+            path: path.into(),
+            security_model: SecurityModel::None,
+            readonly: false,
+        };
+        assert_eq!(
+            invalid(vec![share("", "/a")]),
+            "invalid fs tag=\"\": the tag is empty"
+        );
+        assert_eq!(
+            invalid(vec![share(&"t".repeat(MAX_FS_TAG_LEN + 1), "/a")]),
+            "invalid fs (256 bytes): a tag is at most 255 bytes"
+        );
+        share(&"t".repeat(MAX_FS_TAG_LEN), "/a");
+        assert_eq!(
+            invalid(vec![share("a", "/a"), share("a", "/b")]),
+            "invalid fs tag=\"a\": the tag is given twice"
+        );
+        assert_eq!(
+            invalid(vec![share("a", "rel/dir")]),
+            "invalid fs path=rel/dir: the path must be absolute"
+        );
+        assert!(invalid(vec![share("a b", "/a")]).contains("cannot contain ' '"));
     }
 
     #[test]
@@ -951,6 +1149,7 @@ mod tests {
             rng: None,
             pmem: vec![],
             net: vec![],
+            fs: vec![],
         };
         assert_eq!(config, expected);
 

@@ -10,10 +10,10 @@ pub mod rest;
 
 pub use cli::{Cli, LogLevel};
 pub use config::{
-    BootConfig, ConfigError, ConsoleConfig, MacAddr, MachineConfig, NetConfig, PmemConfig,
-    PmemModel, PortConfig, PvmParams, RngConfig, SerialConfig, VhostMode, VmConfig,
-    DEFAULT_RNG_SOURCE, MAX_NET_DEVICES, MAX_NET_QUEUE_PAIRS, MAX_PMEM_DEVICES, MAX_PORTS,
-    MAX_PORT_NAME_LEN, MAX_VCPUS,
+    BootConfig, ConfigError, ConsoleConfig, FsConfig, MacAddr, MachineConfig, NetConfig,
+    PmemConfig, PmemModel, PortConfig, PvmParams, RngConfig, SecurityModel, SerialConfig,
+    VhostMode, VmConfig, DEFAULT_RNG_SOURCE, MAX_FS_TAG_LEN, MAX_NET_DEVICES, MAX_NET_QUEUE_PAIRS,
+    MAX_PMEM_DEVICES, MAX_PORTS, MAX_PORT_NAME_LEN, MAX_VCPUS,
 };
 pub use request::{
     Action, ActionType, InstanceInfo, LoggerConfig, MetricsConfig, PendingConfig, RequestError,

@@ -6,8 +6,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
-    BootConfig, ConsoleConfig, MachineConfig, NetConfig, PmemConfig, RngConfig, SerialConfig,
-    VmConfig,
+    BootConfig, ConsoleConfig, FsConfig, MachineConfig, NetConfig, PmemConfig, RngConfig,
+    SerialConfig, VmConfig,
 };
 
 /// Where the VM is in its life.
@@ -106,6 +106,12 @@ pub enum VmmRequest {
         id: String,
         config: NetConfig,
     },
+    /// `PUT /fs/{tag}`: adds, or replaces, the shared directory with that tag (`config.tag`
+    /// must equal `tag`).
+    PutFs {
+        tag: String,
+        config: FsConfig,
+    },
     PutConsole(ConsoleConfig),
     /// `PUT /ports/{name}` with `{"socket": PATH}`.
     PutPort {
@@ -129,6 +135,7 @@ impl VmmRequest {
                 | VmmRequest::PutBoot(_)
                 | VmmRequest::PutPmem { .. }
                 | VmmRequest::PutNet { .. }
+                | VmmRequest::PutFs { .. }
                 | VmmRequest::PutConsole(_)
                 | VmmRequest::PutPort { .. }
                 | VmmRequest::PutSerial(_)
@@ -187,6 +194,8 @@ pub struct PendingConfig {
     pub pmem: Vec<(String, PmemConfig)>,
     /// Network interfaces by id, in the order they were first put.
     pub net: Vec<(String, NetConfig)>,
+    /// Shared directories in the order their tags were first put.
+    pub fs: Vec<FsConfig>,
 }
 
 impl PendingConfig {
@@ -211,6 +220,7 @@ impl PendingConfig {
                 .enumerate()
                 .map(|(i, n)| (n.id.clone().unwrap_or_else(|| format!("net{i}")), n))
                 .collect(),
+            fs: config.fs,
         }
     }
 
@@ -231,7 +241,23 @@ impl PendingConfig {
                     ..n.clone()
                 })
                 .collect(),
+            fs: self.fs.clone(),
         }
+    }
+
+    /// `PUT /fs/{tag}`: adds the share, or replaces the one with that tag in place.
+    fn put_fs(&mut self, tag: &str, config: FsConfig) -> Result<(), RequestError> {
+        if config.tag != tag {
+            return Err(RequestError::BadRequest(format!(
+                "the body's tag {:?} differs from the path's {tag:?}",
+                config.tag
+            )));
+        }
+        match self.fs.iter_mut().find(|fs| fs.tag == tag) {
+            Some(existing) => *existing = config,
+            None => self.fs.push(config),
+        }
+        Ok(())
     }
 
     /// The configuration to boot, validated; a 400 that names what is missing or wrong.
@@ -272,6 +298,7 @@ impl PendingConfig {
             }
             VmmRequest::PutPmem { id, config } => put(&mut next.pmem, id, config),
             VmmRequest::PutNet { id, config } => put(&mut next.net, id, config),
+            VmmRequest::PutFs { tag, config } => next.put_fs(&tag, config)?,
             other => {
                 return Err(RequestError::BadRequest(format!(
                     "{other:?} does not configure the VM"
@@ -307,6 +334,7 @@ impl PendingConfig {
             "rng": self.rng,
             "pmem": self.pmem.iter().map(|(_, p)| p).collect::<Vec<_>>(),
             "net": self.net.iter().map(|(id, n)| NetConfig { id: Some(id.clone()), ..n.clone() }).collect::<Vec<_>>(),
+            "fs": self.fs,
         });
         if let Some(boot) = &self.boot {
             value["boot"] = serde_json::json!(boot);

@@ -3,11 +3,12 @@
 
 use std::path::PathBuf;
 
-use api::qemu::{parse_qemu_args, FsSecurityModel, QemuFsShare, QemuInvocation, QmpEndpoint};
+use api::qemu::{parse_qemu_args, QemuInvocation, QmpEndpoint};
 use api::{
     BootConfig, ConsoleConfig, MacAddr, MachineConfig, NetConfig, PmemConfig, PmemModel,
     PortConfig, PvmParams, RngConfig, SerialConfig, VhostMode, VmConfig,
 };
+use api::{FsConfig, SecurityModel};
 
 const KATA_CMDLINE: &str = include_str!("data/kata-qemu-cmdline.txt");
 const SANDBOX: &str = "23223acca4d1945d21cae8cdbd9059a8adb5e9b3a766e01ce7e8c194dcf0049d";
@@ -81,17 +82,14 @@ fn kata_reference_command_line() {
             vhost: VhostMode::On,
             vhost_fds: vec![3],
         }],
-    };
-    assert_eq!(got.config, expected);
-    assert_eq!(
-        got.fs,
-        vec![QemuFsShare {
+        fs: vec![FsConfig {
             tag: "kataShared".into(),
             path: format!("/run/kata-containers/shared/sandboxes/{SANDBOX}").into(),
-            security_model: FsSecurityModel::None,
+            security_model: SecurityModel::None,
             readonly: false,
-        }]
-    );
+        }],
+    };
+    assert_eq!(got.config, expected);
     assert_eq!(got.qmp, Some(QmpEndpoint::Path(run("qmp.sock").into())));
     assert!(got.daemonize);
     assert_eq!(got.pidfile, Some(PathBuf::from(run("pid"))));
@@ -174,7 +172,7 @@ fn newer_spelling() {
         (vec![3, 4], vec![5, 6])
     );
     assert_eq!(net.queues, 2);
-    assert!(got.fs[0].readonly);
+    assert!(got.config.fs[0].readonly);
     assert!(got.notes.iter().any(|n| n.contains("machine q35")));
     assert!(got.notes.iter().any(|n| n.contains("CPU hotplug")));
     assert!(!got.notes.iter().any(|n| n.contains("disable-modern")));
@@ -483,14 +481,14 @@ fn nine_p_shares() {
             "-fsdev",
             fsdev,
         ])
-        .map(|i| i.fs)
+        .map(|i| i.config.fs)
     };
     assert_eq!(
         share("local,id=f,path=/d,security_model=passthrough").unwrap(),
-        vec![QemuFsShare {
+        vec![FsConfig {
             tag: "tag".into(),
             path: "/d".into(),
-            security_model: FsSecurityModel::Passthrough,
+            security_model: SecurityModel::Passthrough,
             readonly: false
         }]
     );

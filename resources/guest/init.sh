@@ -288,6 +288,49 @@ case "$MODE" in
     fi
     echo "GUEST_9P=$ok"
     do_poweroff ;;
+  9p-workload)
+    # The scripted 9p workload tests/tests/p9.rs checks from the host: each step prints
+    # GUEST_9P_FAIL=<step> when it goes wrong, then GUEST_9P_WORKLOAD=ok|fail.
+    echo "GUEST_ACTION=9p-workload"
+    [ -d /mnt ] || mkdir -p /mnt 2>/dev/null
+    r=ok
+    fail() { echo "GUEST_9P_FAIL=$1"; r=fail; }
+    if mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288,cache=none kataShared /mnt; then
+      cd /mnt || fail cd
+      echo one >f; echo two >>f
+      { read -r a; read -r b; } <f; [ "$a $b" = "one two" ] || fail append
+      mv f g && [ ! -e f ] && [ -f g ] || fail rename
+      mkdir d && [ -d d ] && rmdir d && [ ! -e d ] || fail mkdir-rmdir
+      ln -s g s && [ "$(readlink s)" = g ] && { read -r a <s; [ "$a" = one ]; } || fail symlink
+      ln g h && [ "$(stat -c %h g)" = 2 ] || fail hardlink
+      rm h s && [ ! -e h ] || fail unlink
+      chmod 640 g && [ "$(stat -c %a g)" = 640 ] || fail chmod
+      truncate -s 3 g && [ "$(stat -c %s g)" = 3 ] || fail truncate
+      { read -r a <host-wrote.txt; [ "$a" = from-the-host ]; } || fail host-file
+      mkdir many && i=0
+      while [ $i -lt 2000 ]; do : >many/entry-$i; i=$((i+1)); done
+      [ "$(ls many | wc -l)" = 2000 ] || fail readdir
+      # p9_big_mib=N MiB (default 64): 1 MiB of random repeated, so the guest's random number
+      # generator (slow where guest kernel code is emulated) makes only one.
+      n=64; for arg in $CMDLINE; do case "$arg" in p9_big_mib=*) n=${arg#p9_big_mib=} ;; esac; done
+      dd if=/dev/urandom of=/tmp/r bs=1M count=1 2>/dev/null || fail big-seed
+      i=0; while [ $i -lt "$n" ]; do cat /tmp/r; i=$((i+1)); done >big || fail big-write
+      echo "GUEST_9P_BIG_SHA=$(sha256sum big)"
+      echo unlinked-data >u; exec 4<u; rm u
+      { read -r a <&4; [ "$a" = unlinked-data ]; } || fail unlinked-open
+      exec 4<&-
+      # Escape attempts: a host symlink out of the export, a guest symlink to /etc, `..`.
+      cat out/secret >/dev/null 2>&1 && fail host-symlink
+      echo pwned >out/pwned 2>/dev/null
+      ln -s /etc evil && echo pwned >evil/pwned-etc 2>/dev/null
+      cat ../../../../outside/secret >/dev/null 2>&1
+      echo "GUEST_9P_ESCAPES=tried"
+      cd / && umount /mnt || fail umount
+    else
+      fail mount
+    fi
+    echo "GUEST_9P_WORKLOAD=$r"
+    do_poweroff ;;
   mmap-read)
     # DAX read benchmark: /bench.dat through mmap (see mmap-read.c), on the pmem root
     echo "GUEST_ACTION=mmap-read"

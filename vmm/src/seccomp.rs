@@ -269,7 +269,7 @@ mod tests {
     #[test]
     fn every_thread_category_has_a_filter() {
         let filters = SeccompFilters::builtin().unwrap();
-        for name in [VMM_THREAD, VCPU_THREAD, API_THREAD, "net"] {
+        for name in [VMM_THREAD, VCPU_THREAD, API_THREAD, "net", "9p"] {
             let program = filters.get(name).unwrap();
             assert!(program.len() > 10, "{name} filter is suspiciously short");
         }

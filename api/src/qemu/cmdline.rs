@@ -14,8 +14,8 @@ use std::path::PathBuf;
 
 use super::opts::Opts;
 use crate::config::{
-    BootConfig, ConsoleConfig, MacAddr, MachineConfig, NetConfig, PmemConfig, PmemModel,
-    PortConfig, RngConfig, SerialConfig, VhostMode, VmConfig, MAX_VCPUS,
+    BootConfig, ConsoleConfig, FsConfig, MacAddr, MachineConfig, NetConfig, PmemConfig, PmemModel,
+    PortConfig, RngConfig, SecurityModel, SerialConfig, VhostMode, VmConfig, MAX_VCPUS,
 };
 
 /// What QEMU calls itself in its errors; Kata shows the text to the user as is.
@@ -45,31 +45,11 @@ pub enum QmpEndpoint {
     Fd(i32),
 }
 
-/// How a 9p share maps guest ownership to the host (`-fsdev local,security_model=`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FsSecurityModel {
-    None,
-    Passthrough,
-}
-
-/// A host directory shared over virtio-9p (`-fsdev local` + `-device virtio-9p-pci`). Kept
-/// beside the config until `VmConfig` has its `fs` list (the 9p branch): the fields are those
-/// of its `FsConfig`, so the conversion is one struct literal.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QemuFsShare {
-    pub tag: String,
-    pub path: PathBuf,
-    pub security_model: FsSecurityModel,
-    pub readonly: bool,
-}
-
 /// Everything a QEMU command line asks for.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QemuInvocation {
     /// The VM, validated.
     pub config: VmConfig,
-    /// 9p shares, in `-device virtio-9p-pci` order (move into `config.fs` once it exists).
-    pub fs: Vec<QemuFsShare>,
     pub qmp: Option<QmpEndpoint>,
     pub daemonize: bool,
     pub pidfile: Option<PathBuf>,
@@ -335,6 +315,7 @@ impl Line {
             rng: devices.rng,
             pmem: devices.pmem,
             net: devices.net,
+            fs: devices.fs,
         };
         config.validate().map_err(|e| QemuError(e.to_string()))?;
         let qmp = self.qmp.as_deref().map(resolve_qmp).transpose()?;
@@ -350,7 +331,6 @@ impl Line {
             .transpose()?;
         Ok(QemuInvocation {
             config,
-            fs: devices.fs,
             qmp,
             daemonize: self.daemonize,
             pidfile: self.pidfile,
@@ -605,7 +585,7 @@ struct Backends {
     memory: HashMap<String, MemoryBackend>,
     rng: HashMap<String, PathBuf>,
     chardevs: HashMap<String, Chardev>,
-    fsdevs: HashMap<String, (PathBuf, FsSecurityModel, bool)>,
+    fsdevs: HashMap<String, (PathBuf, SecurityModel, bool)>,
     netdevs: HashMap<String, NetConfig>,
 }
 
@@ -682,8 +662,8 @@ impl Backends {
             let id = fsdev.id()?;
             let path = fsdev.required("path")?;
             let model = match fsdev.required("security_model")?.as_str() {
-                "none" => FsSecurityModel::None,
-                "passthrough" => FsSecurityModel::Passthrough,
+                "none" => SecurityModel::None,
+                "passthrough" => SecurityModel::Passthrough,
                 other => {
                     return Err(fsdev.error(format_args!(
                         "security_model={other} is not supported: none or passthrough"
@@ -880,7 +860,7 @@ struct Devices {
     pmem: Vec<PmemConfig>,
     nvdimms: usize,
     net: Vec<NetConfig>,
-    fs: Vec<QemuFsShare>,
+    fs: Vec<FsConfig>,
     legacy_noted: bool,
 }
 
@@ -979,7 +959,7 @@ impl Devices {
                     .cloned()
                     .ok_or_else(|| Self::not_found(device, &driver, "fsdev", &id))?;
                 let tag = device.required("mount_tag")?;
-                self.fs.push(QemuFsShare {
+                self.fs.push(FsConfig {
                     tag,
                     path,
                     security_model,

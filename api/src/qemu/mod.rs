@@ -6,7 +6,4 @@ pub mod cmdline;
 mod opts;
 pub mod qmp;
 
-pub use cmdline::{
-    parse_qemu_args, FsSecurityModel, QemuError, QemuFsShare, QemuInvocation, QmpEndpoint,
-    QEMU_PROGRAM,
-};
+pub use cmdline::{parse_qemu_args, QemuError, QemuInvocation, QmpEndpoint, QEMU_PROGRAM};

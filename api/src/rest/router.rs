@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use super::HttpError;
-use crate::config::{check_port_name, NetConfig};
+use crate::config::{check_port_name, FsConfig, NetConfig};
 use crate::request::{Action, VmStateChange, VmmRequest};
 
 /// Longest id in `PUT /pmem/{id}` and `PUT /network-interfaces/{id}`.
@@ -77,6 +77,14 @@ pub fn parse_request(
             }
             Ok(VmmRequest::PutNet {
                 id: id.to_string(),
+                config,
+            })
+        }
+        ["fs", tag] => {
+            only(&[Put])?;
+            let config: FsConfig = body.json()?;
+            Ok(VmmRequest::PutFs {
+                tag: tag.to_string(),
                 config,
             })
         }

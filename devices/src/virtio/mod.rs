@@ -17,6 +17,7 @@ pub mod console;
 #[cfg(any(test, feature = "fake-driver"))]
 pub mod fake_driver;
 pub mod net;
+pub mod p9;
 pub mod pmem;
 pub mod rng;
 pub mod single_queue;
@@ -118,6 +119,19 @@ pub trait VirtioDevice: MutEventSubscriber + Send {
 pub trait ThreadConfinement: Send + Sync {
     /// `kind` names the policy: `"net"`, `"9p"`.
     fn confine(&self, kind: &str) -> Result<(), String>;
+}
+
+/// Reads `data.len()` bytes of a read-only configuration space `config` at `offset`; bytes past
+/// its end read as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(src) = config.get(start..) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
 }
 
 /// No confinement: for tests and benchmarks that drive a device in-process.

@@ -194,14 +194,7 @@ impl VirtioDevice for Pmem {
     fn set_acked_features(&mut self, _features: u64) {}
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(src) = self.config.get(start..) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
+        super::read_config_bytes(&self.config, offset, data);
     }
 
     /// The configuration space is read-only.

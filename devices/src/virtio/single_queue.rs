@@ -49,6 +49,18 @@ pub enum QueueEvent {
     Ignore,
 }
 
+/// The one queue of a one-queue device's activation, which the driver must have made ready.
+pub fn the_one_queue(queues: Vec<ActivatedQueue>) -> Result<ActivatedQueue, ActivateError> {
+    let got = queues.len();
+    let Some(q) = queues.into_iter().next().filter(|_| got == 1) else {
+        return Err(ActivateError::QueueCount { expected: 1, got });
+    };
+    if !q.queue.ready() {
+        return Err(ActivateError::InvalidQueue { index: 0 });
+    }
+    Ok(q)
+}
+
 pub struct SingleQueue {
     /// Written by activate/reset (vCPU thread) so the event loop side picks up the change.
     wake: EventFd,
@@ -78,13 +90,7 @@ impl SingleQueue {
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActivatedQueue>,
     ) -> Result<(), ActivateError> {
-        let got = queues.len();
-        let Some(q) = queues.into_iter().next().filter(|_| got == 1) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
-        if !q.queue.ready() {
-            return Err(ActivateError::InvalidQueue { index: 0 });
-        }
+        let q = the_one_queue(queues)?;
         self.active = Some(ActiveQueue {
             mem,
             interrupt,

@@ -5,6 +5,7 @@
 
 pub mod legacy;
 pub mod net;
+pub mod p9;
 pub mod pci;
 pub mod pmem;
 
@@ -63,6 +64,8 @@ pub enum DeviceError {
     PmemFlushFile(std::io::Error),
     #[error("virtio-net {0}")]
     Net(String),
+    #[error("virtio-9p share {0}")]
+    P9(String),
 }
 
 /// Whether the VM has PCI devices. A VM without any gets no PCI bus at all (no config ports,
@@ -71,6 +74,7 @@ pub enum DeviceError {
 pub fn wants_pci(config: &VmConfig) -> bool {
     config.rng.is_some()
         || !config.net.is_empty()
+        || !config.fs.is_empty()
         || config.has_virtio_console()
         || config.pmem.iter().any(|p| p.model == PmemModel::Virtio)
 }
@@ -145,6 +149,10 @@ impl DeviceManager {
         }
         for (index, interface) in config.net.iter().enumerate() {
             let device = net::net_device(index, interface, confinement)?;
+            pci.add_virtio_device(Arc::new(Mutex::new(device)))?;
+        }
+        for share in &config.fs {
+            let device = p9::p9_device(share, confinement)?;
             pci.add_virtio_device(Arc::new(Mutex::new(device)))?;
         }
         if config.has_virtio_console() {

@@ -11,6 +11,8 @@
 //!   the number that tracks our datapath from commit to commit.
 //! - `bench net` drives the real virtio-net in-process between a fake driver and a tap in a
 //!   private network namespace: frames/s, MB/s and queue-thread CPU per MiB each way.
+//! - `bench p9` drives the real virtio-9p device in-process from a fake driver: sequential
+//!   write and read MB/s and small files created, stat'ed and unlinked per second.
 //! - `bench port` boots the guest with `test=echo-port` under chapeau and QEMU (virtio-serial),
 //!   pushes N MiB through the named port `agent.channel.0` and back, and reports round-trip MB/s,
 //!   VMM CPU time during the transfer, and the PCI configuration space accesses of each boot.
@@ -28,6 +30,7 @@ use std::thread::JoinHandle;
 mod boot;
 mod datapath;
 mod net;
+mod p9;
 mod pmem;
 mod port;
 mod startup;
@@ -37,6 +40,7 @@ const USAGE: &str = "usage: bench boot [--runs N] [--cpus N] [--memory MIB] \
                   [--startup-runs N] [--startup-only]
        bench datapath [--mib N] [--runs N]
        bench net [--mib N] [--runs N]
+       bench p9 [--mib N] [--files N] [--depth N]
        bench port [--mib N] [--systems chapeau,qemu-microvm] [--guest-dir DIR] [--timeout S]
        bench pmem [--image-mib N] [--data-mib N] [--systems chapeau,qemu-pc] [--guest-dir DIR] [--timeout S]";
 
@@ -709,6 +713,7 @@ fn main() -> ExitCode {
         "boot" => boot::run(rest),
         "datapath" => datapath::run(rest),
         "net" => net::run(rest),
+        "p9" => p9::run(rest),
         "port" => port::run(rest),
         "pmem" => pmem::run(rest),
         "" => Err(Failure::Usage("missing benchmark name".into())),
