@@ -179,7 +179,10 @@ impl FromStr for BindMount {
         let host = PathBuf::from(host);
         let jail = PathBuf::from(jail);
         if !host.is_absolute() {
-            return Err(format!("{}: the host path must be absolute", host.display()));
+            return Err(format!(
+                "{}: the host path must be absolute",
+                host.display()
+            ));
         }
         if !is_plain_absolute(&jail) || jail == Path::new("/") || jail == Path::new("/chapeau") {
             return Err(format!(

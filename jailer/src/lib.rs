@@ -143,11 +143,17 @@ fn chapeau_argv(args: &[OsString]) -> Result<Vec<CString>> {
     let mut argv: Vec<OsString> = vec![JAIL_BINARY.into()];
     argv.extend(args.iter().cloned());
     let given = |flag: &str| {
-        args.iter()
-            .any(|a| a.as_bytes() == flag.as_bytes() || a.as_bytes().starts_with(format!("{flag}=").as_bytes()))
+        args.iter().any(|a| {
+            a.as_bytes() == flag.as_bytes()
+                || a.as_bytes().starts_with(format!("{flag}=").as_bytes())
+        })
     };
     if !given("--pvm-params") && !given("--config") {
-        let pvm = if Path::new(PVM_MODULE).exists() { "on" } else { "off" };
+        let pvm = if Path::new(PVM_MODULE).exists() {
+            "on"
+        } else {
+            "off"
+        };
         argv.extend(["--pvm-params".into(), pvm.into()]);
     }
     argv.into_iter()
@@ -168,13 +174,14 @@ fn start(jail: &Jail, cgroups: &Cgroups) -> Result<Option<Pid>> {
         Some(path) => Some(File::open(path).map_err(io_error("open the network namespace", path))?),
         None => None,
     };
-    let (read_end, write_end) = pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(io_error("create the error pipe", "pipe"))?;
+    let (read_end, write_end) =
+        pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io_error("create the error pipe", "pipe"))?;
     let signals = forwarded_set();
     signals
         .thread_block()
         .map_err(io_error("block the forwarded signals", "sigprocmask"))?;
-    unshare(CloneFlags::CLONE_NEWPID).map_err(io_error("unshare the PID namespace", "/proc/self/ns/pid"))?;
+    unshare(CloneFlags::CLONE_NEWPID)
+        .map_err(io_error("unshare the PID namespace", "/proc/self/ns/pid"))?;
     // SAFETY: the jailer is single-threaded, so the child may run any code after fork.
     match unsafe { fork() }.map_err(io_error("fork the jailed process", "fork"))? {
         ForkResult::Child => {
@@ -191,7 +198,11 @@ fn start(jail: &Jail, cgroups: &Cgroups) -> Result<Option<Pid>> {
             let _ = File::from(read_end).read_to_string(&mut message);
             if !message.is_empty() {
                 let _ = waitpid(child, None);
-                return Err(JailError::refused("start the jailed process", &jail.dir.root, message));
+                return Err(JailError::refused(
+                    "start the jailed process",
+                    &jail.dir.root,
+                    message,
+                ));
             }
             if jail.args.daemonize {
                 println!("{child}");
@@ -239,7 +250,8 @@ fn jail_child(
         unshare(CloneFlags::CLONE_NEWNS)
             .map_err(io_error("unshare the mount namespace", "/proc/self/ns/mnt"))?;
         if let (Some(file), Some(path)) = (netns, &jail.args.netns) {
-            setns(file, CloneFlags::CLONE_NEWNET).map_err(io_error("join the network namespace", path))?;
+            setns(file, CloneFlags::CLONE_NEWNET)
+                .map_err(io_error("join the network namespace", path))?;
         }
         chroot::enter(&jail.dir, &jail.args.binds)?;
         privileges::set_limits(&jail.args.resource_limit)?;

@@ -58,9 +58,10 @@ fn close_range(first: RawFd, last: RawFd) -> Result<()> {
     // netns file was consumed by setns, the kept and error-pipe fds are outside the range).
     let ret = unsafe { libc::syscall(libc::SYS_close_range, first as u32, last as u32, 0u32) };
     if ret != 0 {
-        return Err(io_error("close inherited descriptors", format!("fds {first}..={last}"))(
-            std::io::Error::last_os_error(),
-        ));
+        return Err(io_error(
+            "close inherited descriptors",
+            format!("fds {first}..={last}"),
+        )(std::io::Error::last_os_error()));
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{chown, PermissionsExt};
+use std::os::unix::fs::{chown, MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -74,7 +74,10 @@ fn jailer(base: &Base, id: &str, extra: &[&str], chapeau_args: &[&str]) -> Comma
 fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
     let start = Instant::now();
     while !ready() {
-        assert!(start.elapsed() < Duration::from_secs(20), "timed out: {what}");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out: {what}"
+        );
         sleep(Duration::from_millis(50));
     }
 }
@@ -114,7 +117,14 @@ fn status_field(status: &str, name: &str) -> String {
 
 fn api_get(socket: &Path) -> String {
     let out = Command::new("curl")
-        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket"])
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--unix-socket",
+        ])
         .arg(socket)
         .arg("http://localhost/")
         .output()
@@ -122,12 +132,30 @@ fn api_get(socket: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn stop(mut jailer: Child, pid: u32) -> i32 {
-    // SAFETY: kill(2) on the jailer we started; it forwards SIGTERM to chapeau.
-    unsafe { libc::kill(jailer.id() as i32, libc::SIGTERM) };
-    let status = jailer.wait().unwrap();
+/// A running jailer, stopped with SIGTERM (which it forwards to chapeau) when dropped, so a
+/// failed assertion does not leave a jail behind.
+struct Running(Child);
+
+impl Running {
+    fn terminate(&mut self) -> i32 {
+        // SAFETY: kill(2) on the jailer this test started.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        self.0.wait().unwrap().code().unwrap_or(-1)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            self.terminate();
+        }
+    }
+}
+
+fn stop(mut jailer: Running, pid: u32) -> i32 {
+    let code = jailer.terminate();
     assert!(!Path::new(&format!("/proc/{pid}")).exists());
-    status.code().unwrap_or(-1)
+    code
 }
 
 fn assert_nothing_left(base: &Base, id: &str) {
@@ -187,7 +215,7 @@ fn jailed_chapeau_is_confined() {
             Ok(())
         });
     }
-    let child = cmd.spawn().unwrap();
+    let child = Running(cmd.spawn().unwrap());
     let pid = jailed_pid(&v1_cgroup("pids", id));
     let root = base.jail_dir(id).join("root");
     let socket = root.join("api.sock");
@@ -230,25 +258,46 @@ fn jailed_chapeau_is_confined() {
     assert!(seccomp.iter().any(|s| s == "api=2"), "{seccomp:?}");
 
     // The root is the jail; the host's files are not there.
-    assert_eq!(fs::read_link(proc_dir.join("root")).unwrap(), root);
+    // Its root is the jail's root directory (same inode; the path cannot be shown from here
+    // since the jail's mounts live in its own namespace).
+    let (jail_root, host_view) = (
+        fs::metadata(proc_dir.join("root")).unwrap(),
+        fs::metadata(&root).unwrap(),
+    );
+    assert_eq!(
+        (jail_root.dev(), jail_root.ino()),
+        (host_view.dev(), host_view.ino())
+    );
+    eprintln!(
+        "readlink /proc/{pid}/root: {:?}",
+        fs::read_link(proc_dir.join("root"))
+    );
     let jail_view = proc_dir.join("root");
     assert!(jail_view.join("chapeau").exists());
     assert!(fs::File::open(jail_view.join("etc/passwd")).is_err());
     assert!(fs::File::open(jail_view.join("../../../../etc/passwd")).is_err());
     assert!(fs::File::open(jail_view.join(marker.strip_prefix("/").unwrap())).is_err());
-    assert_eq!(fs::read_to_string(jail_view.join("boot/kernel")).unwrap(), "k");
+    assert_eq!(
+        fs::read_to_string(jail_view.join("boot/kernel")).unwrap(),
+        "k"
+    );
     let devices: Vec<_> = fs::read_dir(jail_view.join("dev"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
-    assert!(devices.iter().all(|d| ["kvm", "net", "vhost-net", "urandom"].contains(&d.as_str())));
+    assert!(devices
+        .iter()
+        .all(|d| ["kvm", "net", "vhost-net", "urandom"].contains(&d.as_str())));
 
     // Inherited descriptors: 7 closed, 8 kept; nothing else from the host.
     let fds: Vec<(String, PathBuf)> = fs::read_dir(proc_dir.join("fd"))
         .unwrap()
         .map(|e| {
             let e = e.unwrap();
-            (e.file_name().into_string().unwrap(), fs::read_link(e.path()).unwrap())
+            (
+                e.file_name().into_string().unwrap(),
+                fs::read_link(e.path()).unwrap(),
+            )
         })
         .collect();
     eprintln!("open fds: {fds:?}");
@@ -260,7 +309,9 @@ fn jailed_chapeau_is_confined() {
     let cgroups = fs::read_to_string(proc_dir.join("cgroup")).unwrap();
     for controller in ["memory", "pids"] {
         assert!(
-            cgroups.lines().any(|l| l.contains(controller) && l.ends_with(&format!("/chapeau/{id}"))),
+            cgroups
+                .lines()
+                .any(|l| l.contains(controller) && l.ends_with(&format!("/chapeau/{id}"))),
             "{cgroups}"
         );
     }
@@ -268,8 +319,12 @@ fn jailed_chapeau_is_confined() {
     assert_eq!(read("memory", "memory.limit_in_bytes").trim(), "268435456");
     assert_eq!(read("pids", "pids.max").trim(), "64");
     let limits = fs::read_to_string(proc_dir.join("limits")).unwrap();
-    assert!(limits.lines().any(|l| l.starts_with("Max file size") && l.contains("1048576")));
-    assert!(limits.lines().any(|l| l.starts_with("Max open files") && l.contains("128")));
+    assert!(limits
+        .lines()
+        .any(|l| l.starts_with("Max file size") && l.contains("1048576")));
+    assert!(limits
+        .lines()
+        .any(|l| l.starts_with("Max open files") && l.contains("128")));
 
     // SIGTERM to the jailer reaches chapeau (the namespace's init), which ends cleanly.
     assert_eq!(stop(child, pid), 0);
@@ -285,7 +340,11 @@ fn daemonized_jail_and_cleanup() {
         .stdout(Stdio::piped())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let pid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
     assert_eq!(jailed_pid(&unified_cgroup(id)), pid);
     let socket = base.jail_dir(id).join("root/api.sock");
@@ -305,9 +364,15 @@ fn daemonized_jail_and_cleanup() {
 
     // SAFETY: kill(2) on the daemonized chapeau this test started.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    wait_until("chapeau to end", || !Path::new(&format!("/proc/{pid}")).exists());
+    wait_until("chapeau to end", || {
+        !Path::new(&format!("/proc/{pid}")).exists()
+    });
     let done = cleanup(&base);
-    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
     assert_nothing_left(&base, id);
 }
 
@@ -316,14 +381,16 @@ fn twenty_jails_leave_nothing_behind() {
     let base = Base::new();
     for n in 0..20 {
         let id = format!("many-{n}");
-        let child = jailer(
-            &base,
-            &id,
-            &["--cgroup-version", "1", "--cgroup", "pids.max=32"],
-            &["--api-sock", "/api.sock"],
-        )
-        .spawn()
-        .unwrap();
+        let child = Running(
+            jailer(
+                &base,
+                &id,
+                &["--cgroup-version", "1", "--cgroup", "pids.max=32"],
+                &["--api-sock", "/api.sock"],
+            )
+            .spawn()
+            .unwrap(),
+        );
         let pid = jailed_pid(&v1_cgroup("pids", &id));
         let socket = base.jail_dir(&id).join("root/api.sock");
         wait_until("the API socket", || socket.exists());
@@ -353,9 +420,21 @@ fn validation_errors_name_the_step_and_path() {
     let base = Base::new();
     assert_error(&refused(&base, "bad/id", &[]), 1, &["validate", "bad/id"]);
     assert_error(&refused(&base, &"x".repeat(65), &[]), 1, &["validate"]);
-    assert_error(&refused(&base, "ok", &["--keep-fd", "99"]), 1, &["fd 99", "not open"]);
-    assert_error(&refused(&base, "ok", &["--cgroup", "memory.max"]), 2, &["FILE=VALUE"]);
-    assert_error(&refused(&base, "ok", &["--bind", "/nonexistent-src"]), 1, &["bind source", "/nonexistent-src"]);
+    assert_error(
+        &refused(&base, "ok", &["--keep-fd", "99"]),
+        1,
+        &["fd 99", "not open"],
+    );
+    assert_error(
+        &refused(&base, "ok", &["--cgroup", "memory.max"]),
+        2,
+        &["FILE=VALUE"],
+    );
+    assert_error(
+        &refused(&base, "ok", &["--bind", "/nonexistent-src"]),
+        1,
+        &["bind source", "/nonexistent-src"],
+    );
 
     let with = |exec: &Path, uid: &str, base_dir: &Path| {
         Command::new(JAILER)
@@ -367,21 +446,45 @@ fn validation_errors_name_the_step_and_path() {
             .unwrap()
     };
     let chapeau = static_chapeau();
-    assert_error(&with(&chapeau, "0", &base.0), 1, &["validate", "unprivileged"]);
+    assert_error(
+        &with(&chapeau, "0", &base.0),
+        1,
+        &["validate", "unprivileged"],
+    );
     let missing = base.0.join("missing");
-    assert_error(&with(&missing, "1", &base.0), 1, &["check the binary", missing.to_str().unwrap()]);
+    assert_error(
+        &with(&missing, "1", &base.0),
+        1,
+        &["check the binary", missing.to_str().unwrap()],
+    );
     let not_exec = base.0.join("not-exec");
     fs::write(&not_exec, "x").unwrap();
-    assert_error(&with(&not_exec, "1", &base.0), 1, &["check the binary", "not an executable"]);
+    assert_error(
+        &with(&not_exec, "1", &base.0),
+        1,
+        &["check the binary", "not an executable"],
+    );
     let dynamic = Path::new("/bin/true");
-    assert_error(&with(dynamic, "1", &base.0), 1, &["check the binary", "dynamically linked"]);
+    assert_error(
+        &with(dynamic, "1", &base.0),
+        1,
+        &["check the binary", "dynamically linked"],
+    );
 
     let open_base = Base::new();
     fs::set_permissions(&open_base.0, fs::Permissions::from_mode(0o777)).unwrap();
-    assert_error(&with(&chapeau, "1", &open_base.0), 1, &["base directory", "world-writable"]);
+    assert_error(
+        &with(&chapeau, "1", &open_base.0),
+        1,
+        &["base directory", "world-writable"],
+    );
     let user_base = Base::new();
     chown(&user_base.0, Some(ID), Some(ID)).unwrap();
-    assert_error(&with(&chapeau, "1", &user_base.0), 1, &["base directory", "owned by uid 12345"]);
+    assert_error(
+        &with(&chapeau, "1", &user_base.0),
+        1,
+        &["base directory", "owned by uid 12345"],
+    );
 
     // An id in use is refused, and the first jail's directory is untouched.
     fs::create_dir_all(base.jail_dir("taken")).unwrap();
@@ -400,6 +503,13 @@ fn missing_v2_controller_is_a_clear_error() {
     }
     let base = Base::new();
     let out = refused(&base, "nomem", &["--cgroup", "memory.max=1G"]);
-    assert_error(&out, 1, &["enable the cgroup controller", "memory controller is not available"]);
+    assert_error(
+        &out,
+        1,
+        &[
+            "enable the cgroup controller",
+            "memory controller is not available",
+        ],
+    );
     assert_nothing_left(&base, "nomem");
 }
