@@ -257,6 +257,9 @@ fn jail_child(
         privileges::set_limits(&jail.args.resource_limit)?;
         privileges::close_inherited_fds(&jail.args.keep_fds, error_pipe.as_raw_fd())?;
         privileges::drop_to(jail.uid, jail.gid)?;
+        if privileges::restrict_to_root()? != landlock::RulesetStatus::FullyEnforced {
+            eprintln!("chapeau-jailer: warning: Landlock is not (fully) supported by this kernel; the jail relies on pivot_root alone");
+        }
         SigSet::empty()
             .thread_set_mask()
             .map_err(io_error("restore the signal mask", "sigprocmask"))?;

@@ -104,3 +104,26 @@ pub fn drop_to(uid: u32, gid: u32) -> Result<()> {
 fn caps_error(step: &'static str, set: &str, e: caps::errors::CapsError) -> JailError {
     JailError::refused(step, format!("{set} capabilities"), e.to_string())
 }
+
+/// Landlock, as a second wall behind pivot_root: from exec on, the process can reach files
+/// only beneath its root (the jail), whatever a later bug in the mount setup would expose.
+/// Best effort: a kernel without Landlock leaves this one wall out (the return says so).
+pub fn restrict_to_root() -> Result<landlock::RulesetStatus> {
+    use landlock::{
+        Access, AccessFs, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, ABI,
+    };
+    let step = "restrict file access with Landlock";
+    let abi = ABI::V5;
+    let landlock_error = |e: landlock::RulesetError| JailError::refused(step, "/", e.to_string());
+    let root = PathFd::new("/").map_err(|e| JailError::refused(step, "/", e.to_string()))?;
+    let status = Ruleset::default()
+        .handle_access(AccessFs::from_all(abi))
+        .map_err(landlock_error)?
+        .create()
+        .map_err(landlock_error)?
+        .add_rule(PathBeneath::new(root, AccessFs::from_all(abi)))
+        .map_err(landlock_error)?
+        .restrict_self()
+        .map_err(landlock_error)?;
+    Ok(status.ruleset)
+}
