@@ -135,28 +135,20 @@ pub fn prepare(
             io_error("create the jail directory", &jail.dir)(e)
         }
     })?;
-    let made = fill_root(jail, exec_file, binds, uid, gid);
+    let root = &jail.root;
+    let made = (|| {
+        make_dir(root, 0o700).map_err(io_error("create the jail root", root))?;
+        copy_binary(exec_file, &jail.host_path(Path::new(JAIL_BINARY)))?;
+        make_devices(jail, uid, gid)?;
+        for bind in binds {
+            make_mount_point(jail, bind)?;
+        }
+        chown(root, Some(uid), Some(gid)).map_err(io_error("give the jail root to the uid", root))
+    })();
     if made.is_err() {
         let _ = jail.remove();
     }
     made
-}
-
-fn fill_root(
-    jail: &JailDir,
-    exec_file: &Path,
-    binds: &[BindMount],
-    uid: u32,
-    gid: u32,
-) -> Result<()> {
-    let root = &jail.root;
-    make_dir(root, 0o700).map_err(io_error("create the jail root", root))?;
-    copy_binary(exec_file, &jail.host_path(Path::new(JAIL_BINARY)))?;
-    make_devices(jail, uid, gid)?;
-    for bind in binds {
-        make_mount_point(jail, bind)?;
-    }
-    chown(root, Some(uid), Some(gid)).map_err(io_error("give the jail root to the uid", root))
 }
 
 /// A copy, not a link: the jailed process cannot reach (or, being another uid, change) the

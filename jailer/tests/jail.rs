@@ -332,14 +332,47 @@ fn jailed_chapeau_is_confined() {
     assert_nothing_left(&base, id);
 }
 
+/// A named network namespace (`ip netns add`), deleted on drop.
+struct NetNs(String);
+
+impl NetNs {
+    fn new(name: &str) -> Self {
+        let status = Command::new("ip")
+            .args(["netns", "add", name])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        NetNs(name.to_owned())
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from("/var/run/netns").join(&self.0)
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.0])
+            .status();
+    }
+}
+
 #[test]
 fn daemonized_jail_and_cleanup() {
     let base = Base::new();
     let id = "daemon";
-    let out = jailer(&base, id, &["--daemonize"], &["--api-sock", "/api.sock"])
-        .stdout(Stdio::piped())
-        .output()
-        .unwrap();
+    let netns = NetNs::new(&format!("chapeau-jailer-{}", std::process::id()));
+    let netns_path = netns.path();
+    let out = jailer(
+        &base,
+        id,
+        &["--daemonize", "--netns", netns_path.to_str().unwrap()],
+        &["--api-sock", "/api.sock"],
+    )
+    .stdout(Stdio::piped())
+    .output()
+    .unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -347,6 +380,11 @@ fn daemonized_jail_and_cleanup() {
     );
     let pid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
     assert_eq!(jailed_pid(&unified_cgroup(id)), pid);
+    let (joined, wanted) = (
+        fs::metadata(format!("/proc/{pid}/ns/net")).unwrap(),
+        fs::metadata(&netns_path).unwrap(),
+    );
+    assert_eq!((joined.dev(), joined.ino()), (wanted.dev(), wanted.ino()));
     let socket = base.jail_dir(id).join("root/api.sock");
     wait_until("the API socket", || socket.exists());
     assert_eq!(api_get(&socket), "200");
