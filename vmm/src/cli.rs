@@ -57,6 +57,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(status::FAILURE);
         }
     };
+    vmm.set_pvm_default(cli.pvm_params);
     let api = match &cli.api_sock {
         Some(path) => match crate::api_server::start(path, &mut vmm) {
             Ok(server) => Some(server),

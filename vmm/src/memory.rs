@@ -10,7 +10,7 @@ const PAGE_SIZE: usize = 4096;
 pub enum MemoryError {
     #[error("--memory {requested_mib} MiB is more than this host has ({host_mib} MiB)")]
     MoreThanHost { requested_mib: u64, host_mib: u64 },
-    #[error("cannot read host memory size from /proc/meminfo: {0}")]
+    #[error("cannot read the host's memory size (sysinfo): {0}")]
     HostSize(std::io::Error),
     #[error("cannot allocate {mib} MiB of guest memory: {source}")]
     Allocate {
@@ -19,21 +19,19 @@ pub enum MemoryError {
     },
 }
 
-/// Total RAM of the host in MiB (MemTotal).
+/// Total RAM of the host in MiB (/proc/meminfo's MemTotal), from sysinfo(2): under
+/// chapeau-jailer there is no /proc to read.
 pub fn host_memory_mib() -> Result<u64, MemoryError> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").map_err(MemoryError::HostSize)?;
-    meminfo
-        .lines()
-        .find_map(|line| line.strip_prefix("MemTotal:"))
-        .and_then(|rest| {
-            rest.trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .map(|kib| kib / 1024)
-        .ok_or_else(|| MemoryError::HostSize(std::io::Error::other("no MemTotal line")))
+    // SAFETY: sysinfo(2) only writes the struct we pass, which lives for the call; a zeroed
+    // struct sysinfo is a valid value.
+    let info = unsafe {
+        let mut info: libc::sysinfo = std::mem::zeroed();
+        if libc::sysinfo(&mut info) != 0 {
+            return Err(MemoryError::HostSize(std::io::Error::last_os_error()));
+        }
+        info
+    };
+    Ok(info.totalram.saturating_mul(u64::from(info.mem_unit)) >> 20)
 }
 
 /// Guest RAM of `memory_mib` MiB, laid out by the layout module; with `thp`, advised for
@@ -102,6 +100,23 @@ pub fn prefault(mem: &GuestMemoryMmap, addr: GuestAddress, len: usize) {
         log::debug!(
             "madvise(MADV_POPULATE_WRITE) on guest memory: {}",
             std::io::Error::last_os_error()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_memory_is_memtotal() {
+        // The first line of /proc/meminfo is "MemTotal: <KiB> kB".
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+        let first: Vec<&str> = meminfo.split_whitespace().take(2).collect();
+        assert_eq!(first[0], "MemTotal:");
+        assert_eq!(
+            host_memory_mib().unwrap(),
+            first[1].parse::<u64>().unwrap() / 1024
         );
     }
 }

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use api::{
-    ActionType, InstanceInfo, LoggerConfig, MetricsConfig, PendingConfig, RequestError,
+    ActionType, InstanceInfo, LoggerConfig, MetricsConfig, PendingConfig, PvmParams, RequestError,
     RequestedState, SerialConfig, VmState, VmmRequest, VmmResponse,
 };
 use devices::virtio::ThreadConfinement;
@@ -137,6 +137,10 @@ pub struct Vmm {
     stdin: Option<OwnedFd>,
     running: Option<RunningVm>,
     end: Option<ExitReason>,
+    /// What a boot source configured over the API with `pvm_params: auto` gets: the command
+    /// line's `--pvm-params` when it says on or off (the jailer decides it outside the jail,
+    /// where /sys/module/kvm_pvm can be seen).
+    pvm_default: PvmParams,
 }
 
 impl Vmm {
@@ -166,6 +170,7 @@ impl Vmm {
             stdin,
             running: None,
             end: None,
+            pvm_default: PvmParams::Auto,
         };
         vmm.watch(vmm.signals.as_raw_fd())?;
         vmm.watch(vmm.exit.event().as_raw_fd())?;
@@ -206,6 +211,11 @@ impl Vmm {
             wake,
         });
         Ok(client)
+    }
+
+    /// Sets what `pvm_params: auto` in an API-configured boot source means.
+    pub fn set_pvm_default(&mut self, pvm_params: PvmParams) {
+        self.pvm_default = pvm_params;
     }
 
     /// The compiled seccomp filters, for the threads the front ends start.
@@ -422,7 +432,17 @@ impl Vmm {
                 state_name(self.state)
             )));
         }
-        let config = self.pending.to_config()?;
+        let mut config = self.pending.to_config()?;
+        if config.boot.pvm_params == PvmParams::Auto {
+            config.boot.pvm_params = self.pvm_default;
+        }
+        // SAFETY: geteuid has no arguments and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            log::warn!(
+                "running as root without chapeau-jailer: no namespaces, cgroups or dropped \
+                 privileges confine this process, only its seccomp filters"
+            );
+        }
         let confinement: Arc<dyn ThreadConfinement> =
             Arc::new(SeccompConfinement(self.filters.clone()));
         let built = builder::build_vm(&config, &self.exit, &confinement)
