@@ -7,19 +7,9 @@ use std::time::Duration;
 
 use devices::virtio::p9::fake_driver::{exercise, Client, FakeDriver};
 use devices::virtio::p9::server::{Ownership, ServerOptions};
-use devices::virtio::ThreadConfinement;
 use std::os::unix::fs::MetadataExt;
 use tests::{boot_timeout, guest_file, initramfs, is_pvm_host, scratch_dir, Vm, BASE_CMDLINE};
-use vmm::seccomp::SeccompFilters;
-
-/// The VMM's confinement: the seccomp filter of the thread's kind.
-struct Seccomp(SeccompFilters);
-
-impl ThreadConfinement for Seccomp {
-    fn confine(&self, kind: &str) -> Result<(), String> {
-        vmm::seccomp::apply(&self.0, kind).map_err(|e| e.to_string())
-    }
-}
+use vmm::seccomp::{SeccompConfinement, SeccompFilters};
 
 fn export(name: &str) -> PathBuf {
     let dir = scratch_dir().join(format!("p9-{name}"));
@@ -38,7 +28,12 @@ fn workers_run_every_operation_under_their_seccomp_policy() {
         ownership: Ownership::Vmm,
         readonly: false,
     };
-    let driver = FakeDriver::new(&dir, options, Arc::new(Seccomp(filters))).unwrap();
+    let driver = FakeDriver::new(
+        &dir,
+        options,
+        Arc::new(SeccompConfinement(Arc::new(filters))),
+    )
+    .unwrap();
     let mut client = Client::over(driver);
     exercise(&mut client);
     drop(client);
