@@ -15,7 +15,8 @@ for crate in fuzz api/fuzz devices/fuzz-9p; do
     for target in $(cargo +nightly fuzz list --fuzz-dir "$root/$crate"); do
         mkdir -p "$root/$crate/corpus/$target" "$scratch/$target"
         echo "== $crate: $target (${secs}s)"
-        cargo +nightly fuzz run --fuzz-dir "$root/$crate" -O "$target" \
+        # One target directory for all three crates: their common dependencies build once.
+        cargo +nightly fuzz run --fuzz-dir "$root/$crate" --target-dir "$root/target/fuzz" -O "$target" \
             "$scratch/$target" "$root/$crate/corpus/$target" -- \
             -max_total_time="$secs" -timeout=10 -rss_limit_mb=1024 -print_final_stats=1
     done
