@@ -118,7 +118,7 @@ fn read_only_virtio_pmem_drops_guest_writes() {
 fn writable_virtio_pmem_takes_writes_and_flushes() {
     let image = marked_image("virtio-rw.img");
     let mut vm = boot_from_pmem(&image, ",model=virtio,readonly=off", "done");
-    vm.wait_for_stderr("virtio-pmem: flush request", Duration::from_secs(120));
+    vm.wait_for_stderr("flush requests, one sync", Duration::from_secs(120));
     expect_clean_exit(&mut vm);
     assert_eq!(
         marker_bytes(&image),
