@@ -551,3 +551,42 @@ fn missing_v2_controller_is_a_clear_error() {
     );
     assert_nothing_left(&base, "nomem");
 }
+
+/// The test guest boots under the jailer as uid 12345, its kernel and initramfs bound in
+/// read-only by their jail paths, and powers off: chapeau exits 0 and nothing is left.
+#[test]
+fn a_guest_boots_jailed_and_powers_off() {
+    let base = Base::new();
+    let kernel = tests::guest_file("vmlinux");
+    let initrd = tests::initramfs();
+    let out = jailer(
+        &base,
+        "guest",
+        &[
+            "--bind",
+            &format!("{}:/vmlinux", kernel.display()),
+            "--bind",
+            &format!("{}:/initramfs.cpio", initrd.display()),
+        ],
+        &[
+            "--kernel",
+            "/vmlinux",
+            "--initrd",
+            "/initramfs.cpio",
+            "--cmdline",
+            "console=ttyS0 reboot=k panic=1 test=poweroff",
+            "--memory",
+            "128",
+        ],
+    )
+    .output()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}\n{stdout}");
+    assert!(stdout.contains("GUEST_BOOT_OK"), "{stdout}");
+    assert!(stdout.contains("GUEST_ACTION=poweroff"), "{stdout}");
+    // Jailed, chapeau runs as uid 12345: it has nothing to warn about.
+    assert!(!stderr.contains("without chapeau-jailer"), "{stderr}");
+    assert_nothing_left(&base, "guest");
+}
