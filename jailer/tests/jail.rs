@@ -2,6 +2,7 @@
 //! uid/gid 12345, and checking each wall from the host through /proc.
 
 use std::fs;
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{chown, MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
@@ -552,41 +553,96 @@ fn missing_v2_controller_is_a_clear_error() {
     assert_nothing_left(&base, "nomem");
 }
 
-/// The test guest boots under the jailer as uid 12345, its kernel and initramfs bound in
-/// read-only by their jail paths, and powers off: chapeau exits 0 and nothing is left.
+/// The test guest boots under the jailer as uid 12345 with rng, an NVDIMM, a named port and
+/// the API, its files bound in read-only by their jail paths: from the host the agent port
+/// echoes and every thread is filtered; `Shutdown` over the API ends it with exit 0 and
+/// nothing is left.
 #[test]
-fn a_guest_boots_jailed_and_powers_off() {
+fn a_guest_boots_jailed_with_its_devices() {
     let base = Base::new();
+    let id = "guest";
     let kernel = tests::guest_file("vmlinux");
     let initrd = tests::initramfs();
-    let out = jailer(
-        &base,
-        "guest",
-        &[
-            "--bind",
-            &format!("{}:/vmlinux", kernel.display()),
-            "--bind",
-            &format!("{}:/initramfs.cpio", initrd.display()),
-        ],
-        &[
-            "--kernel",
-            "/vmlinux",
-            "--initrd",
-            "/initramfs.cpio",
-            "--cmdline",
-            "console=ttyS0 reboot=k panic=1 test=poweroff",
-            "--memory",
-            "128",
-        ],
-    )
-    .output()
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stderr}\n{stdout}");
-    assert!(stdout.contains("GUEST_BOOT_OK"), "{stdout}");
-    assert!(stdout.contains("GUEST_ACTION=poweroff"), "{stdout}");
+    let image = tests::guest_file("kata-rootfs.img");
+    let mut running = Running(
+        jailer(
+            &base,
+            id,
+            &[
+                "--cgroup-version",
+                "1",
+                "--cgroup",
+                "pids.max=64",
+                "--bind",
+                &format!("{}:/vmlinux", kernel.display()),
+                "--bind",
+                &format!("{}:/initramfs.cpio", initrd.display()),
+                "--bind",
+                &format!("{}:/rootfs.img", image.display()),
+            ],
+            &[
+                "--api-sock",
+                "/api.sock",
+                "--kernel",
+                "/vmlinux",
+                "--initrd",
+                "/initramfs.cpio",
+                "--cmdline",
+                "console=ttyS0 reboot=k panic=1 test=echo-port",
+                "--memory",
+                "128",
+                "--serial",
+                "off",
+                "--rng",
+                "--pmem",
+                "file=/rootfs.img",
+                "--port",
+                "name=agent.channel.0,socket=/agent.sock",
+            ],
+        )
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap(),
+    );
+    let pid = jailed_pid(&v1_cgroup("pids", id));
+    let root = base.jail_dir(id).join("root");
+    let agent = root.join("agent.sock");
+    let mut port = tests::connect(&agent, Duration::from_secs(30));
+    port.write_all(b"jailed-echo\n").unwrap();
+    assert_eq!(
+        tests::read_exactly(&mut port, 12, tests::boot_timeout()),
+        b"jailed-echo\n"
+    );
+    for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let comm = fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let status = fs::read_to_string(task.path().join("status")).unwrap();
+        if !comm.starts_with("kvm-") {
+            assert_eq!(status_field(&status, "Seccomp"), "2", "thread {comm}");
+        }
+        assert_eq!(
+            status_field(&status, "Uid").split_whitespace().next(),
+            Some("12345")
+        );
+    }
+    let out = Command::new("curl")
+        .args(["-s", "-w", "%{http_code}", "-X", "PUT", "--unix-socket"])
+        .arg(root.join("api.sock"))
+        .args([
+            "-d",
+            r#"{"action_type": "Shutdown"}"#,
+            "http://localhost/actions",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "204");
+    let status = running.0.wait().unwrap();
+    let mut stderr = String::new();
+    if let Some(mut err) = running.0.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut err, &mut stderr);
+    }
+    assert_eq!(status.code(), Some(0), "{stderr}");
     // Jailed, chapeau runs as uid 12345: it has nothing to warn about.
     assert!(!stderr.contains("without chapeau-jailer"), "{stderr}");
-    assert_nothing_left(&base, "guest");
+    drop(running);
+    assert_nothing_left(&base, id);
 }
