@@ -88,6 +88,7 @@ impl PacketSocket {
         let name = std::ffi::CString::new(TAP).unwrap();
         // SAFETY: a NUL-terminated name.
         let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
+        // SAFETY: sockaddr_ll is plain data; all zeroes is a valid value.
         let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         addr.sll_family = libc::AF_PACKET as u16;
         addr.sll_protocol = proto as u16;
@@ -121,6 +122,7 @@ impl PacketSocket {
         let mut buf = vec![0u8; 70000];
         loop {
             assert!(Instant::now() < deadline, "no frame reached the host");
+            // SAFETY: sockaddr_ll is plain data; all zeroes is a valid value.
             let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
             let mut len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
             // SAFETY: recvfrom writes at most buf.len() bytes and one sockaddr_ll.
