@@ -555,9 +555,14 @@ fn multiqueue_runs_a_thread_per_pair_and_reset_stops_them_touching_memory() {
                 .map(|c| c.trim().to_string())
                 .collect()
         };
-        // A thread names itself once it runs.
+        // A thread names itself once it runs: wait for both.
+        let both = |names: &[String]| {
+            ["net3-q0", "net3-q1"]
+                .iter()
+                .all(|n| names.iter().any(|m| m == n))
+        };
         let deadline = Instant::now() + Duration::from_secs(5);
-        while !names().contains(&"net3-q1".to_string()) && Instant::now() < deadline {
+        while !both(&names()) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
         let names = names();
