@@ -144,6 +144,17 @@ fn open_input(
     Ok(file)
 }
 
+/// Opens a file to append to (chapeau's log, the metrics), created (mode 0600) if missing and
+/// never through a symlink; what is already in it stays.
+pub fn open_append(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .append(true)
+        .create(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .mode(0o600)
+        .open(path)
+}
+
 /// Opens an output file `what` (e.g. "serial output"), creating it (mode 0600) if missing. A
 /// symlink is refused; a regular file is truncated only if it has one name and is ours; a
 /// character device is accepted untouched; anything else is refused. Non-blocking.

@@ -11,7 +11,6 @@
 use std::fs::File;
 use std::io::{IsTerminal, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, Once};
@@ -39,6 +38,7 @@ use crate::event_loop::{
 use crate::seccomp::{self, SeccompConfinement, SeccompFilters};
 use crate::vstate::vcpu::{self, ExitCounters, VcpuContext, Vcpus};
 use crate::vstate::vm::PausedClock;
+use devices::host_files;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -351,7 +351,7 @@ impl Vmm {
             None => None,
         };
         if let Some(path) = &logger.log_path {
-            let file = open_append(path).map_err(|e| {
+            let file = host_files::open_append(path).map_err(|e| {
                 RequestError::BadRequest(format!("log_path {}: {e}", path.display()))
             })?;
             crate::logger::set_output(file);
@@ -374,7 +374,7 @@ impl Vmm {
             ));
         }
         let path = &config.metrics_path;
-        let file = open_append(path).map_err(|e| {
+        let file = host_files::open_append(path).map_err(|e| {
             RequestError::BadRequest(format!("metrics_path {}: {e}", path.display()))
         })?;
         let internal =
@@ -584,17 +584,6 @@ fn resource_name(request: &VmmRequest) -> &'static str {
         VmmRequest::PutMetrics(_) => "metrics",
         _ => "this resource",
     }
-}
-
-/// Opens a log or metrics file for appending: created if missing, never through a symlink.
-fn open_append(path: &Path) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .mode(0o600)
-        .open(path)
 }
 
 fn set_nonblocking(fd: RawFd) -> std::io::Result<()> {
