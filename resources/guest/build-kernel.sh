@@ -56,7 +56,11 @@ done
 # moved from elsewhere they would differ, objtool would be rebuilt and, as every kernel object
 # depends on the objtool binary, so would the whole kernel. Point the records at this tree:
 # objtool's output does not depend on where it was built, so results stay byte-identical.
-built_in=$(sed -n 's|.*-Wp,-MD,\(/[^ ]*\)/tools/objtool/.*|\1|p' tools/objtool/.weak.o.cmd 2>/dev/null | head -n1)
+# A fresh tree has no record yet: nothing to update (and no failing pipeline under pipefail).
+built_in=
+if [ -f tools/objtool/.weak.o.cmd ]; then
+  built_in=$(sed -n 's|.*-Wp,-MD,\(/[^ ]*\)/tools/objtool/.*|\1|p;T;q' tools/objtool/.weak.o.cmd)
+fi
 if [ -n "$built_in" ] && [ "$built_in" != "$PWD" ]; then
   echo "work tree moved from $built_in: updating objtool's build records"
   { grep -rlF --include='.*.cmd' "$built_in" tools || true; } | while read -r f; do
