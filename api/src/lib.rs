@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod config;
+mod nonblocking;
 pub mod qemu;
 pub mod request;
 pub mod rest;

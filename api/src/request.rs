@@ -124,6 +124,8 @@ pub enum VmmRequest {
     PutMetrics(MetricsConfig),
     Action(ActionType),
     SetState(RequestedState),
+    /// The vCPU threads' host thread ids (QMP's `query-cpus-fast`; no REST route).
+    GetVcpuThreadIds,
 }
 
 impl VmmRequest {
@@ -159,6 +161,8 @@ pub enum VmmResponse {
     /// gives the parts that are (`boot` absent).
     Config(serde_json::Value),
     Metrics(serde_json::Value),
+    /// Thread id of vCPU 0, 1, …; empty before the VM starts.
+    VcpuThreadIds(Vec<i32>),
 }
 
 /// Why a request was refused. Each kind maps to one HTTP status; the message is one line for

@@ -11,8 +11,11 @@
 //!   character device (`/dev/null`, a terminal) is written as it is. A new file is created
 //!   with mode 0600: guest output may hold secrets. The descriptor stays non-blocking.
 
+use std::ffi::{CStr, CString};
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -228,6 +231,111 @@ pub fn open_output(what: &'static str, path: &Path) -> Result<File, HostFileErro
         source,
     })?;
     Ok(file)
+}
+
+/// A file chapeau created (a socket it listens on, its pidfile); dropping it removes the file
+/// if it is still ours (same device and inode), so a file someone else put at the path since
+/// is left alone. The removal goes through the directory, held open (O_PATH) since the
+/// creation: it needs neither the path again nor a path-based syscall, so the VMM's seccomp
+/// filter allows only `unlinkat` and `newfstatat` relative to a directory fd, with fixed flags.
+#[derive(Debug)]
+pub struct CreatedFile {
+    path: PathBuf,
+    dir: Option<OwnedFd>,
+    name: CString,
+    identity: Option<(u64, u64)>,
+}
+
+impl CreatedFile {
+    /// Starts tracking the file just created at `path`, to remove it on drop.
+    pub fn track(path: &Path) -> CreatedFile {
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let dir = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(parent)
+            .ok()
+            .map(OwnedFd::from);
+        let name =
+            CString::new(path.file_name().unwrap_or_default().as_bytes()).unwrap_or_default();
+        let identity = dir
+            .as_ref()
+            .and_then(|dir| Self::identity_in_dir(dir, &name));
+        CreatedFile {
+            path: path.to_path_buf(),
+            dir,
+            name,
+            identity,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Device and inode of `name` in `dir`, not following a symlink.
+    fn identity_in_dir(dir: &OwnedFd, name: &CStr) -> Option<(u64, u64)> {
+        // SAFETY: `stat` is plain data; all zeroes is a valid value.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstatat writes one `stat` into our buffer; `name` is NUL-terminated and
+        // `dir` an open directory descriptor.
+        let rc = unsafe {
+            libc::fstatat(
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        (rc == 0).then_some((st.st_dev, st.st_ino))
+    }
+}
+
+impl Drop for CreatedFile {
+    fn drop(&mut self) {
+        let Some(dir) = &self.dir else { return };
+        if self.identity.is_some() && Self::identity_in_dir(dir, &self.name) == self.identity {
+            // SAFETY: unlinkat with a directory fd we own and a NUL-terminated name.
+            unsafe { libc::unlinkat(dir.as_raw_fd(), self.name.as_ptr(), 0) };
+        }
+    }
+}
+
+/// The pidfile of a running chapeau: holds its pid and an exclusive lock (a second instance
+/// given the same file refuses to start, as QEMU's does); removed when dropped.
+#[derive(Debug)]
+pub struct PidFile {
+    // Field order: the file is removed while still locked, then closed.
+    _created: CreatedFile,
+    _file: File,
+}
+
+/// Writes this process's pid to `path` (mode 0644, as QEMU's), never through a symlink, after
+/// taking the file's lock: a file another running process holds is left untouched.
+pub fn create_pid_file(path: &Path) -> io::Result<PidFile> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    if !file.metadata()?.file_type().is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
+    // SAFETY: flock on a descriptor we own; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("cannot lock it: {e}")));
+    }
+    file.set_len(0)?;
+    writeln!(file, "{}", std::process::id())?;
+    Ok(PidFile {
+        _created: CreatedFile::track(path),
+        _file: file,
+    })
 }
 
 #[cfg(test)]

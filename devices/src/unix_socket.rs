@@ -3,11 +3,8 @@
 //! ever replaced, symlinks are never followed, and the file is removed when we are done with
 //! it only while it is still the one we created.
 
-use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
@@ -39,51 +36,7 @@ pub enum SocketError {
     },
 }
 
-/// The socket file we created; dropping it removes the file if it is still ours (same device
-/// and inode), so a socket someone else bound at the path since is left alone. The removal
-/// goes through the directory, held open (O_PATH) since the bind: it needs neither the path
-/// again nor a path-based syscall, so the VMM's seccomp filter allows only `unlinkat` and
-/// `newfstatat` relative to a directory fd, with fixed flags.
-#[derive(Debug)]
-pub struct SocketFile {
-    path: PathBuf,
-    dir: Option<OwnedFd>,
-    name: CString,
-    identity: Option<(u64, u64)>,
-}
-
-impl SocketFile {
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Device and inode of `name` in `dir`, not following a symlink.
-    fn identity_in_dir(dir: &OwnedFd, name: &CStr) -> Option<(u64, u64)> {
-        // SAFETY: `stat` is plain data; all zeroes is a valid value.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: fstatat writes one `stat` into our buffer; `name` is NUL-terminated and
-        // `dir` an open directory descriptor.
-        let rc = unsafe {
-            libc::fstatat(
-                dir.as_raw_fd(),
-                name.as_ptr(),
-                &mut st,
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        };
-        (rc == 0).then_some((st.st_dev, st.st_ino))
-    }
-}
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        let Some(dir) = &self.dir else { return };
-        if self.identity.is_some() && Self::identity_in_dir(dir, &self.name) == self.identity {
-            // SAFETY: unlinkat with a directory fd we own and a NUL-terminated name.
-            unsafe { libc::unlinkat(dir.as_raw_fd(), self.name.as_ptr(), 0) };
-        }
-    }
-}
+pub use crate::host_files::CreatedFile as SocketFile;
 
 /// Listens on `path` (blocking; callers set non-blocking mode as they need). An existing
 /// socket file is probed with connect(2) first: a listener answers, and we refuse; only
@@ -134,26 +87,7 @@ pub fn bind_unix_listener(path: &Path) -> Result<(UnixListener, SocketFile), Soc
         path: path_buf(),
         source,
     })?;
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let dir = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
-        .open(parent)
-        .ok()
-        .map(OwnedFd::from);
-    let name = CString::new(path.file_name().unwrap_or_default().as_bytes()).unwrap_or_default();
-    let identity = dir
-        .as_ref()
-        .and_then(|dir| SocketFile::identity_in_dir(dir, &name));
-    let file = SocketFile {
-        path: path_buf(),
-        dir,
-        name,
-        identity,
-    };
+    let file = SocketFile::track(path);
     Ok((listener, file))
 }
 

@@ -232,7 +232,7 @@ net_up() {
 # --- actions ---
 # Modes that stay up power off when the power button is pressed.
 case "$MODE" in
-  hang|wait|shell|echo-port|perf-echo|net) watch_power_button || POWER_BUTTON=none ;;
+  hang|wait|shell|echo-port|perf-echo|net|kata) watch_power_button || POWER_BUTTON=none ;;
 esac
 case "$MODE" in
   poweroff|"")
@@ -274,6 +274,21 @@ case "$MODE" in
     net_up
     nc -ll -p 5000 -e cat &
     forever ;;
+  kata)
+    # What Kata's agent needs of the VM, in one boot (tests/tests/qemu.rs): the network with
+    # a TCP echo server on port 5000, the shared directory (the guest writes a file there),
+    # then the agent port's echo until the power button.
+    echo "GUEST_ACTION=kata"
+    net_up
+    nc -ll -p 5000 -e cat &
+    [ -d /mnt ] || mkdir -p /mnt 2>/dev/null
+    if mount -t 9p -o trans=virtio,version=9p2000.L,cache=none kataShared /mnt &&
+      echo "hello-from-guest" > /mnt/guest-wrote.txt && sync; then
+      echo "GUEST_9P=ok"
+    else
+      echo "GUEST_9P=fail"
+    fi
+    echo_loop ;;
   9p)
     echo "GUEST_ACTION=9p"
     [ -d /mnt ] || mkdir -p /mnt 2>/dev/null

@@ -4,6 +4,8 @@
 //! guest's init), so tests boot once per scenario, check several things per boot, and take
 //! their timeouts from `boot_timeout()`.
 
+pub mod netns;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

@@ -1,13 +1,12 @@
-//! virtio-net with the real guest, inside a network namespace each test creates (its taps and
-//! traffic never leave it; `ip netns del` on drop removes everything, pass or fail). The
-//! guest's `test=net` mode sets its address and runs a TCP echo server on port 5000.
+//! virtio-net with the real guest, inside a network namespace each test creates
+//! ([`tests::netns`]). The guest's `test=net` mode sets its address and runs a TCP echo server on port 5000.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use tests::netns::Netns;
 use tests::{boot_timeout, chapeau_bin, guest_file, Vm, BASE_CMDLINE};
 
 const GUEST_IP: &str = "10.0.0.2";
@@ -21,97 +20,31 @@ fn transfer_bytes() -> u64 {
         << 20
 }
 
-/// A network namespace with taps `tap0..tapN` (host side 10.0.N.1/24), deleted on drop.
-struct Netns(String);
-
-fn run(args: &[&str]) {
-    let status = Command::new(args[0])
-        .args(&args[1..])
-        .status()
-        .expect("run a command");
-    assert!(status.success(), "{args:?} failed");
-}
-
-impl Netns {
-    /// `taps` gives each tap's queue count.
-    fn new(tag: &str, taps: &[u16]) -> Netns {
-        let name = format!("chapeau-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        run(&["ip", "netns", "add", &name]);
-        let ns = Netns(name);
-        for (i, queues) in taps.iter().enumerate() {
-            let tap = format!("tap{i}");
-            let mut add = vec!["tuntap", "add", "dev", &tap, "mode", "tap", "vnet_hdr"];
-            if *queues > 1 {
-                add.push("multi_queue");
-            }
-            ns.ip(&add);
-            ns.ip(&["addr", "add", &format!("10.0.{i}.1/24"), "dev", &tap]);
-            ns.ip(&["link", "set", &tap, "up"]);
-        }
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
+fn boot(ns: &Netns, nets: &[String], guest_ip: &str) -> Vm {
+    let mut command = Command::new("ip");
+    command
+        .args(["netns", "exec", ns.name()])
+        .arg(chapeau_bin());
+    command.args([
+        "--kernel".to_string(),
+        guest_file("vmlinux").display().to_string(),
+        "--initrd".into(),
+        tests::initramfs().display().to_string(),
+        "--memory".into(),
+        "256".into(),
+        "--cpus".into(),
+        "2".into(),
+        "--cmdline".into(),
+        format!("{BASE_CMDLINE} test=net guest_ip={guest_ip}"),
+        "--log-level".into(),
+        "info".into(),
+    ]);
+    for net in nets {
+        command.arg("--net").arg(net);
     }
-
-    fn ip(&self, args: &[&str]) {
-        let mut all = vec!["ip", "netns", "exec", &self.0, "ip"];
-        all.extend_from_slice(args);
-        run(&all);
-    }
-
-    fn output(&self, args: &[&str]) -> String {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.0])
-            .args(args)
-            .output()
-            .expect("run in the namespace");
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
-    }
-
-    fn boot(&self, nets: &[String], guest_ip: &str) -> Vm {
-        let mut command = Command::new("ip");
-        command.args(["netns", "exec", &self.0]).arg(chapeau_bin());
-        command.args([
-            "--kernel".to_string(),
-            guest_file("vmlinux").display().to_string(),
-            "--initrd".into(),
-            tests::initramfs().display().to_string(),
-            "--memory".into(),
-            "256".into(),
-            "--cpus".into(),
-            "2".into(),
-            "--cmdline".into(),
-            format!("{BASE_CMDLINE} test=net guest_ip={guest_ip}"),
-            "--log-level".into(),
-            "info".into(),
-        ]);
-        for net in nets {
-            command.arg("--net").arg(net);
-        }
-        let mut vm = Vm::start_command(&mut command);
-        vm.wait_for("GUEST_BOOT_OK", boot_timeout());
-        vm
-    }
-
-    /// Runs `body` on a thread inside the namespace (for sockets there).
-    fn enter<T: Send + 'static>(&self, body: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/var/run/netns/{}", self.0);
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).expect("open the namespace");
-            // SAFETY: setns on this thread only, with a namespace descriptor we hold.
-            let ret = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(ret, 0, "setns: {}", std::io::Error::last_os_error());
-            body()
-        })
-        .join()
-        .unwrap_or_else(|e| std::panic::resume_unwind(e))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
+    let mut vm = Vm::start_command(&mut command);
+    vm.wait_for("GUEST_BOOT_OK", boot_timeout());
+    vm
 }
 
 /// FNV-1a: enough to tell the bytes that came back from those sent.
@@ -176,7 +109,7 @@ fn echo(addr: &str, total: u64) -> f64 {
 #[test]
 fn guest_pings_is_pinged_and_echoes_tcp() {
     let ns = Netns::new("net", &[1]);
-    let mut vm = ns.boot(&[format!("tap=tap0,mac={MAC},vhost=auto")], GUEST_IP);
+    let mut vm = boot(&ns, &[format!("tap=tap0,mac={MAC},vhost=auto")], GUEST_IP);
     vm.wait_for("GUEST_NET=eth0", boot_timeout());
     vm.wait_for(&format!("GUEST_NET_UP={GUEST_IP}/24"), boot_timeout());
     let ping = ns.output(&["busybox", "ping", "-c", "3", "-W", "10", GUEST_IP]);
@@ -198,7 +131,8 @@ fn guest_pings_is_pinged_and_echoes_tcp() {
 #[test]
 fn two_nics_and_a_multiqueue_nic() {
     let ns = Netns::new("mq", &[1, 2]);
-    let mut vm = ns.boot(
+    let mut vm = boot(
+        &ns,
         &[
             "tap=tap0,mac=52:54:00:00:00:01,vhost=off".into(),
             "tap=tap1,mac=52:54:00:00:00:02,queues=2,vhost=off".into(),
@@ -221,7 +155,7 @@ fn vhost_on_without_vhost_net_is_a_clear_error() {
     }
     let ns = Netns::new("vh", &[1]);
     let out = Command::new("ip")
-        .args(["netns", "exec", &ns.0])
+        .args(["netns", "exec", ns.name()])
         .arg(chapeau_bin())
         .args(["--kernel", &guest_file("vmlinux").display().to_string()])
         .args(["--net", &format!("tap=tap0,mac={MAC},vhost=on")])
@@ -242,7 +176,7 @@ fn vhost_net_for_real_where_the_host_has_it() {
         return;
     }
     let ns = Netns::new("vhon", &[1]);
-    let mut vm = ns.boot(&[format!("tap=tap0,mac={MAC},vhost=on")], GUEST_IP);
+    let mut vm = boot(&ns, &[format!("tap=tap0,mac={MAC},vhost=on")], GUEST_IP);
     vm.wait_for(&format!("GUEST_NET_UP={GUEST_IP}/24"), boot_timeout());
     let ping = ns.output(&["busybox", "ping", "-c", "3", "-W", "10", GUEST_IP]);
     assert!(ping.contains(" 0% packet loss"), "{ping}");

@@ -1,4 +1,5 @@
-//! The `chapeau` command: parse, configure logging, run the VM through the runtime, turn the
+//! The `chapeau` command (or, started as `qemu-system-x86_64` or `chapeau qemu`, the QEMU
+//! front end in `qemu.rs`): parse, configure logging, run the VM through the runtime, turn the
 //! outcome into an exit status and one line on stderr.
 
 use std::process::ExitCode;
@@ -34,7 +35,11 @@ pub fn exit_status(reason: ExitReason) -> u8 {
 }
 
 pub fn main() -> ExitCode {
-    let cli = api::Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(qemu_args) = crate::qemu::qemu_args(&args) {
+        return crate::qemu::main(qemu_args);
+    }
+    let cli = api::Cli::parse_from(args);
     crate::logger::init(
         cli.log_level
             .as_str()

@@ -1,5 +1,5 @@
 //! chapeau's VMM: turns a `VmConfig` into a running KVM guest and runs it to its end, driven by
-//! the command line, the REST API or (later) QMP through one runtime (`vmm.rs`).
+//! the command line, the REST API or QMP (the QEMU front end) through one runtime (`vmm.rs`).
 
 pub mod api_server;
 pub mod arch;
@@ -12,6 +12,8 @@ pub mod loader;
 pub mod logger;
 pub mod memory;
 pub mod pvm;
+pub mod qemu;
+pub mod qmp_server;
 pub mod seccomp;
 pub mod vmm;
 pub mod vstate;

@@ -16,6 +16,7 @@ use seccompiler::{sock_filter, BpfProgram};
 pub const VMM_THREAD: &str = "vmm";
 pub const VCPU_THREAD: &str = "vcpu";
 pub const API_THREAD: &str = "api";
+pub const QMP_THREAD: &str = "qmp";
 
 static COMPILED: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/seccomp_filters.bin"));
 
@@ -269,7 +270,7 @@ mod tests {
     #[test]
     fn every_thread_category_has_a_filter() {
         let filters = SeccompFilters::builtin().unwrap();
-        for name in [VMM_THREAD, VCPU_THREAD, API_THREAD, "net", "9p"] {
+        for name in [VMM_THREAD, VCPU_THREAD, API_THREAD, QMP_THREAD, "net", "9p"] {
             let program = filters.get(name).unwrap();
             assert!(program.len() > 10, "{name} filter is suspiciously short");
         }

@@ -238,6 +238,7 @@ impl Vmm {
         loop {
             if let Some(reason) = self.end {
                 self.teardown(reason);
+                self.close_api();
                 return reason;
             }
             let devices_may_run = self.state == VmState::Running;
@@ -300,6 +301,20 @@ impl Vmm {
         }
     }
 
+    /// Answers what the API threads still asked, then drops the channel: a request sent from
+    /// now on fails at once instead of waiting for a runtime that no longer serves.
+    fn close_api(&mut self) {
+        if let Some(api) = self.api.take() {
+            for request in api.requests.try_iter() {
+                let refused = Err(RequestError::Conflict(format!(
+                    "the VM has stopped: {} is not served any more",
+                    resource_name(&request)
+                )));
+                let _ = api.responses.send(refused);
+            }
+        }
+    }
+
     /// Serves one request.
     pub fn handle(&mut self, request: VmmRequest) -> Result<VmmResponse, RequestError> {
         if request.is_pre_boot() && self.state != VmState::Configured {
@@ -318,6 +333,7 @@ impl Vmm {
             })),
             VmmRequest::GetConfig => Ok(VmmResponse::Config(self.pending.to_json())),
             VmmRequest::GetMetrics => Ok(VmmResponse::Metrics(self.metrics_json())),
+            VmmRequest::GetVcpuThreadIds => Ok(VmmResponse::VcpuThreadIds(self.vcpu_thread_ids())),
             VmmRequest::PutLogger(logger) => self.configure_logger(&logger),
             VmmRequest::PutMetrics(metrics) => self.configure_metrics(&metrics),
             VmmRequest::Action(ActionType::InstanceStart) => self.start(),

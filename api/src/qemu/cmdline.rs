@@ -53,6 +53,8 @@ pub struct QemuInvocation {
     pub qmp: Option<QmpEndpoint>,
     pub daemonize: bool,
     pub pidfile: Option<PathBuf>,
+    /// `-D FILE`: where chapeau's log goes (stderr otherwise, which `-daemonize` closes).
+    pub log_file: Option<PathBuf>,
     /// `-name`: the guest's name (Kata's `sandbox-<id>`).
     pub name: Option<String>,
     pub uuid: Option<String>,
@@ -202,6 +204,7 @@ struct Line {
     qmp: Option<String>,
     daemonize: bool,
     pidfile: Option<PathBuf>,
+    log_file: Option<PathBuf>,
     name: Option<Given>,
     uuid: Option<String>,
     nodefaults: bool,
@@ -212,7 +215,8 @@ impl Line {
     fn add(&mut self, option: &'static str, arg: String) -> Result<(), QemuError> {
         match option {
             "machine" | "M" => self.machine.push(Given::new("machine", arg, "type")),
-            "enable-kvm" | "no-user-config" | "no-reboot" | "D" | "d" => {}
+            "enable-kvm" | "no-user-config" | "no-reboot" | "d" => {}
+            "D" => self.log_file = Some(arg.into()),
             "cpu" => self.cpu = Some(arg),
             "smp" => self.smp = Some(Given::new(option, arg, "cpus")),
             "m" => self.memory = Some(Given::new(option, arg, "size")),
@@ -334,6 +338,7 @@ impl Line {
             qmp,
             daemonize: self.daemonize,
             pidfile: self.pidfile,
+            log_file: self.log_file,
             name,
             uuid: self.uuid,
             notes,

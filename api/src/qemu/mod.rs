@@ -5,5 +5,7 @@
 pub mod cmdline;
 mod opts;
 pub mod qmp;
+pub mod server;
 
 pub use cmdline::{parse_qemu_args, QemuError, QemuInvocation, QmpEndpoint, QEMU_PROGRAM};
+pub use server::{notice_channel, QmpInbox, QmpNotice, QmpNotifier, QmpServerError};

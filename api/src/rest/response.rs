@@ -15,6 +15,7 @@ pub fn encode_response(version: Version, result: Result<VmmResponse, HttpError>)
         Ok(VmmResponse::Empty) => return encode(version, 204, None, &[]),
         Ok(VmmResponse::Info(info)) => serde_json::to_vec(&info),
         Ok(VmmResponse::Config(value) | VmmResponse::Metrics(value)) => serde_json::to_vec(&value),
+        Ok(VmmResponse::VcpuThreadIds(ids)) => serde_json::to_vec(&ids),
         Err(error) => return encode_error(version, &error),
     };
     match json {

@@ -14,6 +14,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{encode_response, parse_request, HttpError, MAX_BODY_BYTES};
+use crate::nonblocking::{flush_output, send};
 use crate::request::{RequestError, VmmRequest, VmmResponse};
 
 /// Clients connected at once; one more is answered 503 and closed.
@@ -249,20 +250,15 @@ impl Client {
 
     /// Sends as much output as the socket takes now.
     fn flush(&mut self) {
-        while self.sent < self.output.len() {
-            match send(self.connection.as_raw_fd(), &self.output[self.sent..]) {
-                Ok(0) => break,
-                Ok(n) => self.sent += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    self.broken = true;
-                    return;
-                }
-            }
+        if flush_output(
+            self.connection.as_raw_fd(),
+            &mut self.output,
+            &mut self.sent,
+        )
+        .is_err()
+        {
+            self.broken = true;
         }
-        self.output.clear();
-        self.sent = 0;
     }
 }
 
@@ -273,25 +269,6 @@ where
     let body = request.body.as_ref().map(|body| body.raw());
     let vmm_request = parse_request(request.method(), request.uri().get_abs_path(), body)?;
     handler(vmm_request).map_err(HttpError::from)
-}
-
-/// `send` without SIGPIPE when the peer is gone, and without blocking.
-fn send(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
-    // SAFETY: `bytes` is a valid buffer of `bytes.len()` bytes for the duration of the call;
-    // the kernel only reads it.
-    let n = unsafe {
-        libc::send(
-            fd,
-            bytes.as_ptr().cast(),
-            bytes.len(),
-            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
 }
 
 /// A client socket as dbs-uhttp reads it: plain reads (file descriptors a client sends along
