@@ -4,6 +4,7 @@
 //! guest's init), so tests boot once per scenario, check several things per boot, and take
 //! their timeouts from `boot_timeout()`.
 
+pub mod kata;
 pub mod netns;
 
 use std::io::Read;

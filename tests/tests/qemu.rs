@@ -4,21 +4,16 @@
 //! two clients no one here wrote: QEMU's Python library `qemu.qmp` and Kata's Go library govmm.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use devices::virtio::net::Tap;
+use tests::kata::{open_tap, pass_fd, reference_args, KataPaths, GUEST_IP, TAP_FD};
 use tests::netns::Netns;
 use tests::{boot_timeout, chapeau_bin, guest_file, scratch_dir, workspace_root};
-
-const GUEST_IP: &str = "10.0.0.2";
-/// The descriptor the tap reaches chapeau on, as Kata passes them (from fd 3).
-const TAP_FD: i32 = 3;
 
 /// A scratch directory with `qemu-system-x86_64` pointing at the chapeau under test.
 struct Sandbox {
@@ -46,80 +41,6 @@ impl Sandbox {
 impl Drop for Sandbox {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Kata's command line with the test's paths: sockets and the pidfile in the sandbox, our
-/// kernel and Kata image, the shared directory, the tap on fd 3. The kernel command line is
-/// Kata's without what names its systemd init (ours is the image's /sbin/init) and with a
-/// single console; `test=kata` makes our init bring up the network, write over 9p and echo
-/// on the agent port.
-fn reference_args(sandbox: &Sandbox) -> Vec<String> {
-    let path = workspace_root().join("../shared/reference/kata-qemu-cmdline.split.txt");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (../shared beside the repo)", path.display()));
-    let sandbox_dir = sandbox.dir.display().to_string();
-    let image = guest_file("kata-rootfs.img");
-    let image_size = std::fs::metadata(&image).unwrap().len();
-    // One option per line, its value after the first space.
-    let mut args: Vec<String> = text
-        .lines()
-        .skip(1)
-        .flat_map(|line| match line.split_once(' ') {
-            Some((option, value)) => vec![option.to_string(), value.to_string()],
-            None => vec![line.to_string()],
-        })
-        .collect();
-    let mut previous = String::new();
-    for arg in &mut args {
-        let replaced = match previous.as_str() {
-            "-kernel" => Some(guest_file("vmlinux").display().to_string()),
-            "-append" => Some(
-                arg.split(' ')
-                    .filter(|p| {
-                        !p.starts_with("init=")
-                            && !p.starts_with("systemd.")
-                            && *p != "console=hvc1"
-                    })
-                    .chain(["test=kata", &format!("guest_ip={GUEST_IP}")])
-                    .collect::<Vec<_>>()
-                    .join(" "),
-            ),
-            // No /dev/vhost-net on the test hosts: the userspace datapath, on the tap Kata
-            // would pass (here fd 3).
-            "-netdev" => Some(format!("tap,id=network-0,vhost=off,fds={TAP_FD}")),
-            "-object" if arg.starts_with("memory-backend-file") => Some(format!(
-                "memory-backend-file,id=mem0,mem-path={},size={image_size}",
-                image.display()
-            )),
-            _ => None,
-        };
-        if let Some(new) = replaced {
-            *arg = new;
-        }
-        previous = arg.clone();
-    }
-    // Kata's per-sandbox directories become the test's.
-    args.iter()
-        .map(|arg| {
-            let arg = replace_sandbox_path(arg, "/run/vc/vm/", &sandbox_dir);
-            replace_sandbox_path(
-                &arg,
-                "/run/kata-containers/shared/sandboxes/",
-                &format!("{sandbox_dir}/shared"),
-            )
-        })
-        .collect()
-}
-
-/// `prefix<64 hex digits>` → `dir`.
-fn replace_sandbox_path(arg: &str, prefix: &str, dir: &str) -> String {
-    match arg.find(prefix) {
-        Some(start) => {
-            let id_end = start + prefix.len() + 64;
-            format!("{}{dir}{}", &arg[..start], &arg[id_end..])
-        }
-        None => arg.to_string(),
     }
 }
 
@@ -262,40 +183,18 @@ fn wait_gone(pid: u32, timeout: Duration) {
     }
 }
 
-/// Has the child inherit `fd` as `target`, as Kata passes taps and sockets to QEMU.
-fn pass_fd(command: &mut Command, fd: i32, target: i32) {
-    // SAFETY: between fork and exec only dup2 and fcntl, which are async-signal-safe.
-    unsafe {
-        command.pre_exec(move || {
-            // dup2 onto itself would keep FD_CLOEXEC: clear it instead.
-            let rc = if fd == target {
-                libc::fcntl(fd, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(fd, target)
-            };
-            if rc < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
-/// Opens tap0 of `ns` as Kata hands taps to QEMU: an open descriptor.
-fn open_tap(ns: &Netns) -> OwnedFd {
-    ns.enter(|| {
-        let tap = Tap::open_named("tap0", 1).expect("open tap0").remove(0);
-        OwnedFd::from(tap.file().try_clone().expect("dup the tap"))
-    })
-}
-
 #[test]
 fn kata_command_line_boots_and_real_qmp_clients_drive_it() {
     let sandbox = Sandbox::new("kata");
     let govmm = govmm_client(&sandbox.dir);
     let ns = Netns::new("qemu", &[1]);
     let tap = open_tap(&ns);
-    let mut args = reference_args(&sandbox);
+    let mut args = reference_args(&KataPaths {
+        sandbox: &sandbox.dir,
+        kernel: &guest_file("vmlinux"),
+        image: &guest_file("kata-rootfs.img"),
+    })
+    .expect("Kata's command line");
     // chapeau's log, where a daemon's errors can be read.
     args.extend([
         "-D".to_string(),

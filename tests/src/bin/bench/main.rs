@@ -1,4 +1,4 @@
-//! Benchmarks for chapeau, three of them (each a subcommand):
+//! Benchmarks for chapeau, each a subcommand:
 //!
 //! - `bench boot` boots the test guest (`test=poweroff`) with chapeau, QEMU `-M microvm` and QEMU
 //!   `-M pc`, run by run, and reports wall time to `GUEST_BOOT_OK` and to exit, peak RSS, and the
@@ -9,6 +9,8 @@
 //! - `bench datapath` drives the real virtio-console (one named port) and virtio-rng in-process
 //!   from a fake driver on the host: MB/s and device-thread CPU time per MiB. No guest, no KVM:
 //!   the number that tracks our datapath from commit to commit.
+//! - `bench kata` runs the command line Kata ran under chapeau (as `qemu-system-x86_64`) and
+//!   under QEMU: time to the daemon being ready and to the agent port answering, RSS and CPU.
 //! - `bench net` drives the real virtio-net in-process between a fake driver and a tap in a
 //!   private network namespace: frames/s, MB/s and queue-thread CPU per MiB each way.
 //! - `bench p9` drives the real virtio-9p device in-process from a fake driver: sequential
@@ -29,6 +31,7 @@ use std::thread::JoinHandle;
 
 mod boot;
 mod datapath;
+mod kata;
 mod net;
 mod p9;
 mod pmem;
@@ -39,6 +42,7 @@ const USAGE: &str = "usage: bench boot [--runs N] [--cpus N] [--memory MIB] \
 [--systems chapeau,qemu-microvm,qemu-pc,firecracker] [--guest-dir DIR] [--timeout S]
                   [--startup-runs N] [--startup-only]
        bench datapath [--mib N] [--runs N]
+       bench kata [--runs N] [--systems chapeau,qemu-pc] [--guest-dir DIR] [--timeout S]
        bench net [--mib N] [--runs N]
        bench p9 [--mib N] [--files N] [--depth N]
        bench port [--mib N] [--systems chapeau,qemu-microvm] [--guest-dir DIR] [--timeout S]
@@ -620,6 +624,22 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
     })
 }
 
+/// On a PVM host, the kernel parameters QEMU's guest needs (chapeau adds its own): the guest
+/// dir's `pvm-cmdline`, else our default set.
+fn pvm_params(guest_dir: &Path) -> Option<String> {
+    if !Path::new("/sys/module/kvm_pvm").exists() {
+        return None;
+    }
+    Some(
+        match std::fs::read_to_string(guest_dir.join("pvm-cmdline")) {
+            Ok(text) if !text.trim().is_empty() => {
+                text.split_whitespace().collect::<Vec<_>>().join(" ")
+            }
+            _ => DEFAULT_PVM_PARAMS.to_string(),
+        },
+    )
+}
+
 /// Finds the guest, chapeau (when `systems` has it) and QEMU; `cmdline` is the guest's kernel
 /// command line before any PVM parameters.
 fn prepare(
@@ -641,17 +661,11 @@ fn prepare(
     } else {
         PathBuf::new()
     };
-    let pvm_host = Path::new("/sys/module/kvm_pvm").exists();
-    let qemu_append = if pvm_host {
-        let params = match std::fs::read_to_string(guest_dir.join("pvm-cmdline")) {
-            Ok(text) if !text.trim().is_empty() => {
-                text.split_whitespace().collect::<Vec<_>>().join(" ")
-            }
-            _ => DEFAULT_PVM_PARAMS.to_string(),
-        };
-        format!("{cmdline} {params}")
-    } else {
-        cmdline.to_string()
+    let pvm = pvm_params(guest_dir);
+    let pvm_host = pvm.is_some();
+    let qemu_append = match pvm {
+        Some(params) => format!("{cmdline} {params}"),
+        None => cmdline.to_string(),
     };
     Ok(Setup {
         chapeau,
@@ -712,6 +726,7 @@ fn main() -> ExitCode {
     let result = match name {
         "boot" => boot::run(rest),
         "datapath" => datapath::run(rest),
+        "kata" => kata::run(rest),
         "net" => net::run(rest),
         "p9" => p9::run(rest),
         "port" => port::run(rest),
