@@ -360,6 +360,30 @@ fn malformed_http_is_400_and_the_connection_closes() {
     server.still_serves();
 }
 
+/// A client that sends its body after the head (as schemathesis does) still reads the answer
+/// to a request the server refused from the head alone: the server drains instead of
+/// resetting the connection, and says it closes.
+#[test]
+fn a_refused_request_whose_body_comes_later_still_gets_its_answer() {
+    let server = TestServer::start("linger");
+    let mut stream = server.connect();
+    stream
+        .write_all(b"QUERY / HTTP/1.1\r\nContent-Length: 4096\r\n\r\n")
+        .unwrap();
+    // The server has answered and shut its side by now; the body must still be taken.
+    std::thread::sleep(Duration::from_millis(200));
+    stream.write_all(&[b'x'; 4096]).unwrap();
+    let reply = read_reply(&mut stream);
+    assert_eq!(reply.status, 400, "{reply:?}");
+    assert!(
+        reply.fault().starts_with("malformed HTTP request: "),
+        "{reply:?}"
+    );
+    assert!(reply.head.contains("Connection: close\r\n"), "{reply:?}");
+    assert_eq!(stream.read(&mut [0u8; 1]).unwrap(), 0);
+    server.still_serves();
+}
+
 #[test]
 fn a_half_open_client_stalls_nobody() {
     let server = TestServer::start("half-open");

@@ -11,7 +11,7 @@ mod server;
 
 pub use dbs_uhttp::Method;
 pub use error::HttpError;
-pub use response::encode_response;
+pub use response::{encode_final_response, encode_response};
 pub use router::{parse_request, MAX_RESOURCE_ID_LEN};
 pub use server::{serve, ServerError, MAX_CONNECTIONS};
 

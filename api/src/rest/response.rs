@@ -27,6 +27,25 @@ pub fn encode_response(version: Version, result: Result<VmmResponse, HttpError>)
     }
 }
 
+/// The answer to a request after which the connection closes: dbs-uhttp always writes
+/// `Connection: keep-alive`, which would tell the client to send its next request there.
+pub fn encode_final_response(version: Version, error: HttpError) -> Vec<u8> {
+    const KEEP_ALIVE: &[u8] = b"Connection: keep-alive\r\n";
+    let bytes = encode_error(version, &error);
+    match bytes
+        .windows(KEEP_ALIVE.len())
+        .position(|w| w == KEEP_ALIVE)
+    {
+        Some(at) => [
+            &bytes[..at],
+            b"Connection: close\r\n",
+            &bytes[at + KEEP_ALIVE.len()..],
+        ]
+        .concat(),
+        None => bytes,
+    }
+}
+
 fn encode_error(version: Version, error: &HttpError) -> Vec<u8> {
     let body = serde_json::json!({ "fault_message": error.to_string() }).to_string();
     let allow = match error {
@@ -91,6 +110,18 @@ mod tests {
             text.ends_with(r#"{"fault_message":"the VM is running"}"#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_final_answer_says_the_connection_closes() {
+        let text = String::from_utf8(encode_final_response(
+            Version::Http11,
+            HttpError::BadRequest("bad".into()),
+        ))
+        .unwrap();
+        assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
+        assert!(text.contains("Connection: close\r\n"), "{text}");
+        assert!(!text.contains("keep-alive"), "{text}");
     }
 
     #[test]

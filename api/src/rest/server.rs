@@ -13,7 +13,7 @@ use dbs_uhttp::{ConnectionError, HttpConnection, Request, ScmSocket, SysError, V
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{encode_response, parse_request, HttpError, MAX_BODY_BYTES};
+use super::{encode_final_response, encode_response, parse_request, HttpError, MAX_BODY_BYTES};
 use crate::nonblocking::{flush_output, send};
 use crate::request::{RequestError, VmmRequest, VmmResponse};
 
@@ -22,6 +22,9 @@ pub const MAX_CONNECTIONS: usize = 32;
 /// Request line and headers of one request, all together (a client cannot grow our memory by
 /// sending headers forever).
 const MAX_HEAD_BYTES: usize = 8 * 1024;
+/// After an unparsable request, what is still read and dropped before the socket closes: a
+/// client still sending its body would otherwise get a reset instead of our answer.
+const LINGER_BYTES: usize = MAX_BODY_BYTES + MAX_HEAD_BYTES;
 const MAX_EVENTS: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
@@ -111,9 +114,9 @@ fn accept(listener: &UnixListener, epoll: &Epoll, clients: &mut BTreeMap<RawFd, 
     }
     let fd = stream.as_raw_fd();
     if clients.len() >= MAX_CONNECTIONS {
-        let answer = encode_response(
+        let answer = encode_final_response(
             Version::Http11,
-            Err(HttpError::TooManyConnections(MAX_CONNECTIONS)),
+            HttpError::TooManyConnections(MAX_CONNECTIONS),
         );
         // Best effort: the client is dropped either way.
         let _ = send(fd, &answer);
@@ -133,13 +136,15 @@ fn accept(listener: &UnixListener, epoll: &Epoll, clients: &mut BTreeMap<RawFd, 
 enum Interest {
     Read,
     Write,
+    /// The answer is sent and our side shut: what the client still sends is dropped.
+    Drain,
     Close,
 }
 
 impl Interest {
     fn event(self, fd: RawFd) -> EpollEvent {
         let set = match self {
-            Interest::Read => EventSet::IN,
+            Interest::Read | Interest::Drain => EventSet::IN,
             Interest::Write | Interest::Close => EventSet::OUT,
         };
         EpollEvent::new(set, fd as u64)
@@ -156,6 +161,10 @@ struct Client {
     sent: usize,
     /// Close once `output` is sent: the stream can no longer be parsed, or the peer is gone.
     closing: bool,
+    /// Bytes still to drop before closing after an unparsable request (0: close at once).
+    linger: usize,
+    /// Our side is shut down (the client has seen the end of our answer).
+    write_shut: bool,
     /// Close now: the socket failed.
     broken: bool,
 }
@@ -174,6 +183,8 @@ impl Client {
             output: Vec::new(),
             sent: 0,
             closing: false,
+            linger: 0,
+            write_shut: false,
             broken: false,
         }
     }
@@ -183,6 +194,8 @@ impl Client {
             Interest::Close
         } else if self.sent < self.output.len() {
             Interest::Write
+        } else if self.closing && self.linger > 0 {
+            Interest::Drain
         } else if self.closing {
             Interest::Close
         } else {
@@ -196,12 +209,49 @@ impl Client {
     {
         if events.contains(EventSet::ERROR) {
             self.broken = true;
-        } else if self.interest() == Interest::Write {
-            self.flush();
-        } else {
-            // A hang-up is seen here too: the read returns 0 and the client closes.
-            self.receive(handler);
-            self.flush();
+            return;
+        }
+        match self.interest() {
+            Interest::Write => self.flush(),
+            Interest::Drain => self.drain(),
+            _ => {
+                // A hang-up is seen here too: the read returns 0 and the client closes.
+                self.receive(handler);
+                self.flush();
+            }
+        }
+        if self.interest() == Interest::Drain && !self.write_shut {
+            self.write_shut = true;
+            // SAFETY: shutdown(2) on the client's socket, which this client owns; no memory
+            // is involved.
+            if unsafe { libc::shutdown(self.connection.as_raw_fd(), libc::SHUT_WR) } != 0 {
+                self.broken = true;
+            }
+        }
+    }
+
+    /// Drops what the client still sends after an unparsable request, up to `linger` bytes or
+    /// its end, whichever comes first; then the socket closes.
+    fn drain(&mut self) {
+        let mut buf = [0u8; 4096];
+        while self.linger > 0 {
+            let iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len().min(self.linger),
+            };
+            // SAFETY: one iovec over `buf`, which lives on this stack frame; readv writes at
+            // most its length.
+            let n = unsafe { libc::readv(self.connection.as_raw_fd(), &iov, 1) };
+            match n {
+                0 => self.linger = 0,
+                n if n > 0 => self.linger = self.linger.saturating_sub(n as usize),
+                _ => {
+                    if io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock {
+                        self.linger = 0;
+                    }
+                    return;
+                }
+            }
         }
     }
 
@@ -244,8 +294,9 @@ impl Client {
     /// Answers an unparsable request and closes: what follows it cannot be parsed either.
     fn fail(&mut self, error: HttpError) {
         self.output
-            .extend(encode_response(Version::Http11, Err(error)));
+            .extend(encode_final_response(Version::Http11, error));
         self.closing = true;
+        self.linger = LINGER_BYTES;
     }
 
     /// Sends as much output as the socket takes now.
