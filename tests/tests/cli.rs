@@ -184,3 +184,56 @@ fn bad_pmem_images() {
         "model=dimm: expected model=nvdimm or model=virtio",
     );
 }
+
+/// A 64-bit ELF whose entry is `ud2`: with no IDT the #UD becomes a double fault, then a
+/// triple fault, which KVM reports as a shutdown exit.
+fn triple_fault_kernel() -> std::path::PathBuf {
+    const LOAD: u64 = 0x100_0000;
+    const CODE_OFFSET: u64 = 0x1000;
+    const UD2: [u8; 2] = [0x0f, 0x0b];
+    let mut elf = Vec::new();
+    elf.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&LOAD.to_le_bytes()); // entry
+    elf.extend_from_slice(&64u64.to_le_bytes()); // program headers right after this header
+    elf.extend_from_slice(&0u64.to_le_bytes());
+    elf.extend_from_slice(&0u32.to_le_bytes());
+    for half in [64u16, 56, 1, 0, 0, 0] {
+        elf.extend_from_slice(&half.to_le_bytes());
+    }
+    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    for field in [CODE_OFFSET, LOAD, LOAD, 2, 2, 0x1000] {
+        elf.extend_from_slice(&field.to_le_bytes());
+    }
+    elf.resize(CODE_OFFSET as usize, 0);
+    elf.extend_from_slice(&UD2);
+    let path = scratch_dir().join(format!("triple-fault-{}.elf", std::process::id()));
+    std::fs::write(&path, elf).unwrap();
+    path
+}
+
+#[test]
+fn a_triple_fault_ends_the_vm_with_status_4_and_says_so() {
+    let kernel = triple_fault_kernel();
+    let (status, _stdout, stderr) = run_to_exit(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "64",
+        "--serial",
+        "off",
+    ]);
+    let _ = std::fs::remove_file(&kernel);
+    assert_eq!(status.code(), Some(4), "{stderr}");
+    assert!(
+        stderr.contains("WARN: vcpu0: guest triple-faulted"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("chapeau: the guest triple-faulted"),
+        "{stderr}"
+    );
+}

@@ -592,6 +592,7 @@ fn resource_name(request: &VmmRequest) -> &'static str {
         VmmRequest::PutBoot(_) => "boot-source",
         VmmRequest::PutPmem { .. } => "pmem",
         VmmRequest::PutNet { .. } => "network-interfaces",
+        VmmRequest::PutFs { .. } => "fs",
         VmmRequest::PutConsole(_) => "console",
         VmmRequest::PutPort { .. } => "ports",
         VmmRequest::PutSerial(_) => "serial",
