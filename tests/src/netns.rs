@@ -23,7 +23,11 @@ impl Netns {
     /// `taps` gives each tap's queue count.
     pub fn new(tag: &str, taps: &[u16]) -> Netns {
         let name = format!("chapeau-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        // A namespace left by an earlier run of this pid: usually there is none (quietly).
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(std::process::Stdio::null())
+            .status();
         run(&["ip", "netns", "add", &name]);
         let ns = Netns(name);
         for (i, queues) in taps.iter().enumerate() {

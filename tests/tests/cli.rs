@@ -1,5 +1,5 @@
 //! Bad input is refused with one precise line on stderr and a non-zero exit, before any guest
-//! runs; never a panic.
+//! runs; never a panic. And a guest that triple-faults ends with its own status, said once.
 
 use std::process::{Command, Stdio};
 

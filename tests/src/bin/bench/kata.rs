@@ -322,6 +322,17 @@ fn adapt_for_qemu(args: &mut [String], pvm: Option<&str>) {
     for arg in args.iter_mut() {
         match previous.as_str() {
             "-cpu" if pvm.is_some() => *arg = arg.replacen("host", "host,-arch-capabilities", 1),
+            // QEMU 7.2 no longer takes the bare flags of Kata's older line (chapeau takes both).
+            "-machine" => {
+                *arg = arg
+                    .split(',')
+                    .map(|p| match p {
+                        "kernel_irqchip" | "nvdimm" => format!("{p}=on"),
+                        _ => p.to_string(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }
             "-append" => {
                 if let Some(params) = pvm {
                     *arg = format!("{arg} {params}");
@@ -391,16 +402,27 @@ mod tests {
 
     #[test]
     fn qemu_gets_the_pvm_cpu_and_parameters() {
-        let mut args: Vec<String> = ["-name", "sb", "-cpu", "host,pmu=off", "-append", "quiet"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut args: Vec<String> = [
+            "-name",
+            "sb",
+            "-machine",
+            "pc,accel=kvm,kernel_irqchip,nvdimm",
+            "-cpu",
+            "host,pmu=off",
+            "-append",
+            "quiet",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         adapt_for_qemu(&mut args, Some("noxsave pvm_syscall"));
         assert_eq!(
             args,
             [
                 "-name",
                 "sb,debug-threads=on",
+                "-machine",
+                "pc,accel=kvm,kernel_irqchip=on,nvdimm=on",
                 "-cpu",
                 "host,-arch-capabilities,pmu=off",
                 "-append",

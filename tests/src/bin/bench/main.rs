@@ -224,6 +224,9 @@ fn kib_field(text: &str, key: &str) -> Option<u64> {
     })
 }
 
+/// How much larger than the guest's RAM its mapping may be.
+const GUEST_MAPPING_SLACK_KIB: u64 = 1024;
+
 /// From /proc/<pid>/smaps: (Rss of the guest RAM mapping, Rss of all mappings). The guest RAM is
 /// the anonymous read-write mapping whose size is the guest memory size; if several match (a
 /// coincidence with some other allocation) the one holding most memory is the guest's.
@@ -246,7 +249,8 @@ fn parse_smaps(smaps: &str, guest_kib: u64) -> (Option<u64>, u64) {
         } else if first == "Rss:" {
             let rss: u64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
             total += rss;
-            if candidate && size == guest_kib {
+            // chapeau maps a little more than the guest's RAM when it is large (2 GiB: 260 KiB).
+            if candidate && (guest_kib..=guest_kib + GUEST_MAPPING_SLACK_KIB).contains(&size) {
                 guest = Some(guest.map_or(rss, |g| g.max(rss)));
             }
         }
