@@ -322,7 +322,8 @@ fn adapt_for_qemu(args: &mut [String], pvm: Option<&str>) {
     for arg in args.iter_mut() {
         match previous.as_str() {
             "-cpu" if pvm.is_some() => *arg = arg.replacen("host", "host,-arch-capabilities", 1),
-            // QEMU 7.2 no longer takes the bare flags of Kata's older line (chapeau takes both).
+            // QEMU 7.2 no longer takes some of Kata's older spellings (chapeau takes both).
+            "-global" => *arg = arg.replace("losttickpolicy", "lost_tick_policy"),
             "-machine" => {
                 *arg = arg
                     .split(',')
@@ -409,6 +410,8 @@ mod tests {
             "pc,accel=kvm,kernel_irqchip,nvdimm",
             "-cpu",
             "host,pmu=off",
+            "-global",
+            "kvm-pit.losttickpolicy=discard",
             "-append",
             "quiet",
         ]
@@ -425,6 +428,8 @@ mod tests {
                 "pc,accel=kvm,kernel_irqchip=on,nvdimm=on",
                 "-cpu",
                 "host,-arch-capabilities,pmu=off",
+                "-global",
+                "kvm-pit.lost_tick_policy=discard",
                 "-append",
                 "quiet noxsave pvm_syscall"
             ]
