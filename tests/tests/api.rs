@@ -8,8 +8,13 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use std::process::Command;
+
+use tests::kata::GUEST_IP;
+use tests::netns::Netns;
 use tests::{
-    api_call, boot_timeout, connect, guest_file, initramfs, read_exactly, scratch_dir, Vm,
+    api_call, boot_timeout, chapeau_bin, connect, guest_file, initramfs, read_exactly, scratch_dir,
+    Vm,
 };
 
 const AGENT_PORT: &str = "agent.channel.0";
@@ -157,7 +162,9 @@ fn bad_requests_before_boot(sock: &Path) {
     assert_eq!(state(sock), "Not started", "the server kept serving");
 }
 
-/// The whole lifecycle through the API, with the console, a named port, rng and an NVDIMM.
+/// The whole lifecycle through the API, with every device kind: the console, a named port,
+/// rng, the Kata image as an NVDIMM and again as virtio-pmem, a NIC on a tap in a private
+/// network namespace, a shared directory over 9p.
 #[test]
 fn configure_boot_pause_resume_and_shut_down_through_the_api() {
     let dir = test_dir("api-lifecycle");
@@ -165,14 +172,24 @@ fn configure_boot_pause_resume_and_shut_down_through_the_api() {
     let agent = dir.join("agent.sock");
     let hvc0 = dir.join("hvc0.log");
     let metrics = dir.join("metrics.json");
-    let mut vm = Vm::start(&[
-        "--api-sock",
-        sock.to_str().unwrap(),
-        "--id",
-        "api-test-vm",
-        "--log-level",
-        "info",
-    ]);
+    let shared = scratch_dir().join("api-lifecycle-shared");
+    let _ = std::fs::remove_dir_all(&shared);
+    std::fs::create_dir_all(&shared).unwrap();
+    // chapeau runs in the namespace, where it opens the tap by name.
+    let ns = Netns::new("api", &[1]);
+    let mut vm = Vm::start_command(
+        Command::new("ip")
+            .args(["netns", "exec", ns.name()])
+            .arg(chapeau_bin())
+            .args([
+                "--api-sock",
+                sock.to_str().unwrap(),
+                "--id",
+                "api-test-vm",
+                "--log-level",
+                "info",
+            ]),
+    );
     wait_for_file(&sock, Duration::from_secs(10));
     let (status, body) = api_call(&sock, "GET", "/", None);
     assert_eq!(status, 200);
@@ -194,7 +211,7 @@ fn configure_boot_pause_resume_and_shut_down_through_the_api() {
         &serde_json::json!({
             "kernel": guest_file("vmlinux"),
             "initrd": initramfs(),
-            "cmdline": "console=hvc0 reboot=k panic=1 test=echo-port",
+            "cmdline": format!("console=hvc0 reboot=k panic=1 test=kata guest_ip={GUEST_IP}"),
         })
         .to_string(),
     );
@@ -218,6 +235,25 @@ fn configure_boot_pause_resume_and_shut_down_through_the_api() {
         "/pmem/rootfs",
         &serde_json::json!({ "file": guest_file("kata-rootfs.img"), "readonly": true }).to_string(),
     );
+    ok(
+        &sock,
+        "PUT",
+        "/pmem/again",
+        &serde_json::json!({ "file": guest_file("kata-rootfs.img"), "model": "virtio" })
+            .to_string(),
+    );
+    ok(
+        &sock,
+        "PUT",
+        "/network-interfaces/eth0",
+        r#"{"tap": "tap0", "mac": "52:54:00:12:34:56"}"#,
+    );
+    ok(
+        &sock,
+        "PUT",
+        "/fs/kataShared",
+        &serde_json::json!({ "tag": "kataShared", "path": shared }).to_string(),
+    );
     ok(&sock, "PUT", "/logger", r#"{"level": "info"}"#);
     ok(
         &sock,
@@ -226,10 +262,15 @@ fn configure_boot_pause_resume_and_shut_down_through_the_api() {
         &serde_json::json!({ "metrics_path": metrics, "interval_s": 1 }).to_string(),
     );
     let (_, config) = api_call(&sock, "GET", "/vm/config", None);
-    assert!(
-        config.contains(AGENT_PORT) && config.contains("kata-rootfs.img"),
-        "{config}"
-    );
+    for wanted in [
+        AGENT_PORT,
+        "kata-rootfs.img",
+        "virtio",
+        "tap0",
+        "kataShared",
+    ] {
+        assert!(config.contains(wanted), "no {wanted} in {config}");
+    }
 
     ok(
         &sock,
@@ -256,19 +297,30 @@ fn configure_boot_pause_resume_and_shut_down_through_the_api() {
         "not paused",
     );
 
-    // Every thread is ours, named, and filtered.
-    let threads = thread_seccomp_modes(vm.pid());
-    assert_eq!(
-        threads,
-        [("api", "2"), ("vcpu0", "2"), ("vmm", "2")].map(|(t, m)| (t.to_string(), m.to_string())),
-    );
-
-    // The agent port echoes once the guest is up.
+    // The agent port echoes once the guest is up; before that it wrote over 9p and brought
+    // up its network.
     let mut client = connect(&agent, Duration::from_secs(30));
     client.write_all(b"before-pause\n").unwrap();
     assert_eq!(
         read_exactly(&mut client, 13, boot_timeout()),
         b"before-pause\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(shared.join("guest-wrote.txt")).unwrap(),
+        "hello-from-guest\n"
+    );
+    let ping = ns.output(&["busybox", "ping", "-c", "2", "-W", "10", GUEST_IP]);
+    assert!(ping.contains(" 0% packet loss"), "{ping}");
+
+    // Every thread is ours, named, and filtered.
+    let threads = thread_seccomp_modes(vm.pid());
+    let names: Vec<&str> = threads.iter().map(|(name, _)| name.as_str()).collect();
+    for wanted in ["api", "vcpu0", "vmm", "net0-q0", "9p-1"] {
+        assert!(names.contains(&wanted), "no {wanted} thread in {names:?}");
+    }
+    assert!(
+        threads.iter().all(|(_, mode)| mode == "2"),
+        "unfiltered threads: {threads:?}"
     );
 
     // Paused: no vCPU exits, no console output, no echo.
@@ -328,6 +380,7 @@ fn configure_boot_pause_resume_and_shut_down_through_the_api() {
         serde_json::from_str(flushed.lines().last().expect("a metrics line")).unwrap();
     assert!(last["vcpu_exits"]["total"].as_u64().unwrap() > 0, "{last}");
     assert!(!Path::new(&format!("/proc/{}", vm.pid())).exists());
+    let _ = std::fs::remove_dir_all(&shared);
 }
 
 /// A live API socket is never taken over; a stale one is replaced and said so.
