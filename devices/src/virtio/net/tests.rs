@@ -625,6 +625,9 @@ fn vhost_setup_and_teardown_sequence() {
             vec![activated(&rx), activated(&tx), activated(&ctrl)],
         )
         .unwrap();
+        // Paused, vhost has no tap and so touches no guest memory; resumed, it has it again.
+        net.pause();
+        net.resume();
         assert!(net.reset());
         let calls = recorder.calls();
         let mrg = 1u64 << vn::VIRTIO_NET_F_MRG_RXBUF;
@@ -655,6 +658,12 @@ fn vhost_setup_and_teardown_sequence() {
         expected.extend([
             "set_backend 0 tap".to_string(),
             "set_backend 1 tap".into(),
+            // pause, resume
+            "set_backend 0 none".into(),
+            "set_backend 1 none".into(),
+            "set_backend 0 tap".into(),
+            "set_backend 1 tap".into(),
+            // reset
             "set_backend 0 none".into(),
             "set_backend 1 none".into(),
             "get_vring_base 0".into(),

@@ -331,6 +331,27 @@ impl VhostSession {
             .is_some_and(|q| q.call.read().is_ok())
     }
 
+    /// Detaches the taps (pause) or attaches them again (resume). Without a backend vhost
+    /// moves no frame, and changing it waits for the kernel's work in flight: once paused,
+    /// nothing touches guest memory.
+    pub fn attach_taps(
+        &self,
+        backends: &mut [Box<dyn VhostNetBackend>],
+        taps: &[Tap],
+        attached: bool,
+    ) {
+        for p in &self.pairs {
+            let (Some(backend), Some(tap)) = (backends.get_mut(*p), taps.get(*p)) else {
+                continue;
+            };
+            for local in 0..2 {
+                if let Err(e) = backend.set_backend(local, attached.then(|| tap.file())) {
+                    log::warn!("virtio-net: {e}");
+                }
+            }
+        }
+    }
+
     /// Detaches the taps, stops the rings and gives up ownership, pair by pair.
     pub fn stop(self, backends: &mut [Box<dyn VhostNetBackend>]) {
         for p in &self.pairs {

@@ -174,6 +174,7 @@ impl WorkerThread {
                         vhost_backends: vhost,
                         active: None,
                         paused: false,
+                        deferred_calls: 0,
                     };
                     if let Err(e) = worker.run() {
                         log::error!("{}: stopped: {e}", worker.name);
@@ -292,6 +293,9 @@ struct Worker {
     vhost_backends: Vec<Box<dyn VhostNetBackend>>,
     active: Option<Active>,
     paused: bool,
+    /// vhost queues that signalled used buffers while paused (bit = queue index): their
+    /// interrupts are raised on resume.
+    deferred_calls: u64,
 }
 
 fn add(epoll: &Epoll, fd: i32, token: u64, events: EventSet) -> std::io::Result<()> {
@@ -372,9 +376,13 @@ impl Worker {
                             if let Some(vhost) = active.vhost.as_ref() {
                                 let queue = (token - TOKEN_VHOST_CALL) as usize;
                                 if vhost.take_call(queue) {
-                                    let _ = active
-                                        .interrupt
-                                        .trigger(InterruptKind::Queue(queue as u16));
+                                    if self.paused {
+                                        self.deferred_calls |= 1 << (queue % 64);
+                                    } else {
+                                        let _ = active
+                                            .interrupt
+                                            .trigger(InterruptKind::Queue(queue as u16));
+                                    }
                                 }
                             }
                         }
@@ -410,8 +418,33 @@ impl Worker {
                 self.activate(*activation, epoll);
             }
             Command::Reset | Command::Exit => self.deactivate(epoll),
-            Command::Pause => self.paused = true,
-            Command::Resume => self.paused = false,
+            Command::Pause => {
+                self.paused = true;
+                self.attach_vhost_taps(false);
+            }
+            Command::Resume => {
+                self.attach_vhost_taps(true);
+                self.paused = false;
+                self.raise_deferred_calls();
+            }
+        }
+    }
+
+    /// Pause and resume for a vhost-run pair: vhost works on guest memory by itself, so its
+    /// taps are detached while paused.
+    fn attach_vhost_taps(&mut self, attached: bool) {
+        if let Some(vhost) = self.active.as_ref().and_then(|a| a.vhost.as_ref()) {
+            vhost.attach_taps(&mut self.vhost_backends, &self.taps, attached);
+        }
+    }
+
+    fn raise_deferred_calls(&mut self) {
+        let deferred = std::mem::take(&mut self.deferred_calls);
+        let Some(active) = self.active.as_ref() else {
+            return;
+        };
+        for queue in (0..64u16).filter(|q| deferred & (1 << q) != 0) {
+            let _ = active.interrupt.trigger(InterruptKind::Queue(queue));
         }
     }
 
@@ -505,6 +538,7 @@ impl Worker {
 
     /// Lets go of the queues and guest memory (reset, exit, or a new activation).
     fn deactivate(&mut self, epoll: &Epoll) {
+        self.deferred_calls = 0;
         let Some(mut active) = self.active.take() else {
             return;
         };
