@@ -15,6 +15,8 @@ pub mod pvm;
 pub mod qemu;
 pub mod qmp_server;
 pub mod seccomp;
+#[cfg(feature = "forbidden-syscall-test")]
+pub mod test_hooks;
 pub mod vmm;
 pub mod vstate;
 
