@@ -148,3 +148,35 @@ fn a_forbidden_syscall_in_a_vcpu_or_the_vmm_thread_ends_the_vm() {
         );
     }
 }
+
+/// Once the VM runs, Landlock keeps the VMM from opening a host file it could open before,
+/// even with seccomp off (where nothing else would stop it): the test hook's open fails with
+/// EACCES. The one thing still allowed, removing the sockets chapeau created, still works:
+/// after SIGTERM the API and port sockets are gone.
+#[test]
+fn the_running_vmm_cannot_open_a_host_file() {
+    let dir = test_dir("landlock");
+    let secret = dir.join("host-secret");
+    std::fs::write(&secret, "secret").unwrap();
+    let sockets = dir.join("sockets");
+    std::fs::create_dir(&sockets).unwrap();
+    let (api, agent) = (sockets.join("api.sock"), sockets.join("agent.sock"));
+    let port = format!("name=agent.channel.0,socket={}", agent.display());
+    let kernel = guest_file("vmlinux");
+    let initrd = initramfs();
+    let mut args = vm_args(kernel.to_str().unwrap(), initrd.to_str().unwrap());
+    args.extend(["--api-sock", api.to_str().unwrap(), "--port", &port]);
+    args.extend(["--seccomp", "off"]);
+    let mut vm = hooked(&args, &[("CHAPEAU_TEST_OPEN_AFTER_START", &secret)]);
+    let line = vm.wait_for_stderr("test hook:", Duration::from_secs(120));
+    assert!(
+        line.contains(&format!(
+            "cannot open {} after start: Permission denied",
+            secret.display()
+        )),
+        "{line}"
+    );
+    assert!(api.exists() && agent.exists());
+    stop(vm);
+    assert!(!api.exists() && !agent.exists(), "sockets left behind");
+}

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod device_manager;
 pub mod event_loop;
 pub mod host_files;
+pub mod landlock;
 pub mod loader;
 pub mod logger;
 pub mod memory;

@@ -274,11 +274,16 @@ fn remember_thread_name() {
     THREAD_NAME.set(comm);
 }
 
-/// Confines device threads with the filter of their kind (`net`, `9p`).
+/// Confines device threads with the filter of their kind (`net`, `9p`), after Landlock: the 9p
+/// workers have limited themselves to their export already; any other device thread (started
+/// while the VM is built, before the `vmm` thread's own Landlock) may reach no path at all.
 pub struct SeccompConfinement(pub Arc<SeccompFilters>);
 
 impl devices::virtio::ThreadConfinement for SeccompConfinement {
     fn confine(&self, kind: &str) -> Result<(), String> {
+        if kind != "9p" {
+            crate::landlock::restrict_thread(&[]).map_err(|e| e.to_string())?;
+        }
         apply(&self.0, kind).map_err(|e| e.to_string())
     }
 }

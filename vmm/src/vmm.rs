@@ -505,6 +505,10 @@ impl Vmm {
         let mut kick = Ok(());
         KICK_HANDLER.call_once(|| kick = vcpu::install_kick_handler());
         kick.map_err(|e| internal(&e))?;
+        // From here on no path is opened: Landlock (inherited by the vCPU threads and any
+        // thread started later) leaves only the removal of the files chapeau created.
+        crate::landlock::restrict_thread(&devices::host_files::created_file_dirs())
+            .map_err(|e| internal(&e))?;
         let vcpus = Vcpus::start(built.vcpus, &context, &self.filters).map_err(|e| internal(&e))?;
         self.running = Some(RunningVm {
             vcpus,
