@@ -53,6 +53,17 @@ fn stop(mut vm: Vm) -> String {
     vm.stderr()
 }
 
+/// Waits for `vm` to end with status 159 after the line naming `thread` and getppid; its
+/// stderr.
+fn ended_by_seccomp(mut vm: Vm, thread: &str) -> String {
+    let status = vm.wait_exit(Duration::from_secs(120));
+    let stderr = vm.stderr();
+    assert_eq!(status.code(), Some(SECCOMP_STATUS), "{stderr}");
+    let line = format!("chapeau: seccomp: thread {thread} made forbidden syscall {GETPPID}");
+    assert!(stderr.contains(&line), "{stderr}");
+    stderr
+}
+
 /// No VM, only the API: the api thread makes a forbidden syscall as soon as it is filtered.
 /// `enforce` (the default) ends chapeau with status 159 and one line naming the thread and
 /// the syscall; `log` and `off` let it live (filtered, resp. not at all, as /proc shows) and
@@ -63,16 +74,8 @@ fn seccomp_modes_and_a_forbidden_syscall_in_the_api_thread() {
     let sock = dir.join("api.sock");
     let api = sock.to_str().unwrap();
 
-    let mut vm = hooked(&["--api-sock", api], &[(FORBIDDEN_ENV, Path::new("api"))]);
-    let status = vm.wait_exit(Duration::from_secs(60));
-    let stderr = vm.stderr();
-    assert_eq!(status.code(), Some(SECCOMP_STATUS), "{stderr}");
-    assert!(
-        stderr.contains(&format!(
-            "chapeau: seccomp: thread api made forbidden syscall {GETPPID}"
-        )),
-        "{stderr}"
-    );
+    let vm = hooked(&["--api-sock", api], &[(FORBIDDEN_ENV, Path::new("api"))]);
+    let stderr = ended_by_seccomp(vm, "api");
     assert!(!stderr.contains("--seccomp"), "{stderr}");
     let _ = std::fs::remove_file(&sock);
 
@@ -133,19 +136,11 @@ fn a_forbidden_syscall_in_a_vcpu_or_the_vmm_thread_ends_the_vm() {
     let initrd = initramfs();
     let (kernel, initrd) = (kernel.to_str().unwrap(), initrd.to_str().unwrap());
     for (category, thread) in [("vcpu", "vcpu0"), ("vmm", "vmm")] {
-        let mut vm = hooked(
+        let vm = hooked(
             &vm_args(kernel, initrd),
             &[(FORBIDDEN_ENV, Path::new(category))],
         );
-        let status = vm.wait_exit(Duration::from_secs(120));
-        let stderr = vm.stderr();
-        assert_eq!(status.code(), Some(SECCOMP_STATUS), "{stderr}");
-        assert!(
-            stderr.contains(&format!(
-                "chapeau: seccomp: thread {thread} made forbidden syscall {GETPPID}"
-            )),
-            "{stderr}"
-        );
+        ended_by_seccomp(vm, thread);
     }
 }
 

@@ -296,6 +296,7 @@ pub fn apply(filters: &SeccompFilters, name: &str) -> Result<(), SeccompError> {
         .ok_or_else(|| SeccompError::Missing(name.into()))?;
     prepare_process()?;
     remember_thread_name();
+    unblock_sigsys();
     if filters.mode != SeccompMode::Off {
         seccompiler::apply_filter(program).map_err(|source| SeccompError::Install {
             name: name.into(),
@@ -305,6 +306,19 @@ pub fn apply(filters: &SeccompFilters, name: &str) -> Result<(), SeccompError> {
     #[cfg(feature = "forbidden-syscall-test")]
     crate::test_hooks::after_filter(name);
     Ok(())
+}
+
+/// Lets SIGSYS reach the calling thread's handler: threads that block every signal (the net
+/// workers do) would otherwise be killed by a violation without a word.
+fn unblock_sigsys() {
+    // SAFETY: sigemptyset/sigaddset initialise the set on our stack; pthread_sigmask reads it
+    // and changes only this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGSYS);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
 }
 
 /// The warn line `--seccomp off` or `log` earns at start, `None` for `enforce`.
@@ -556,6 +570,38 @@ mod tests {
         assert!(mode_warning(SeccompMode::Log)
             .unwrap()
             .contains("--seccomp log"));
+    }
+
+    /// A thread that blocked every signal before its filter (as the net workers do) is still
+    /// reported, not killed silently by the kernel.
+    #[test]
+    fn a_thread_that_blocks_every_signal_still_reports_its_violation() {
+        let filters = SeccompFilters::builtin().unwrap();
+        let child = in_child("all-blocked", move || {
+            // SAFETY: sigfillset initialises the set on our stack; pthread_sigmask changes
+            // only this thread's mask.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigfillset(&mut set);
+                libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            }
+            if apply(&filters, VCPU_THREAD).is_err() {
+                // SAFETY: _exit is always safe to call.
+                unsafe { libc::_exit(100) };
+            }
+            // SAFETY: socket(2) with constant arguments; no memory is passed.
+            unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        });
+        assert!(
+            child.exited_with(SECCOMP_EXIT_STATUS),
+            "{:#x}: {}",
+            child.status,
+            child.stderr
+        );
+        assert_eq!(
+            child.stderr,
+            "chapeau: seccomp: thread all-blocked made forbidden syscall 41\n"
+        );
     }
 
     #[test]
