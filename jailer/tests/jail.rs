@@ -784,3 +784,54 @@ fn a_kata_guest_boots_jailed_with_9p_and_net() {
         "the shared directory is the host's, and stays"
     );
 }
+
+/// A memory cgroup limit far below what the guest needs (12 MiB for a 256 MiB guest whose
+/// kernel alone takes more once loaded; 32 MiB was measured to be enough for the test guest to
+/// boot and power off): the kernel's OOM killer ends chapeau, and the jailer says
+/// in one line that the VM hit its cgroup memory limit, and which; nothing is left behind.
+#[test]
+fn a_memory_limit_below_the_guest_needs_ends_it_with_a_clear_message() {
+    let base = Base::new();
+    let id = "small";
+    let kernel = tests::guest_file("vmlinux");
+    let initrd = tests::initramfs();
+    let binds = [
+        format!("{}:/vmlinux", kernel.display()),
+        format!("{}:/initramfs.cpio", initrd.display()),
+    ];
+    let limit = 12u64 << 20;
+    let setting = format!("memory.limit_in_bytes={limit}");
+    let mut extra = vec!["--cgroup-version", "1", "--cgroup", &setting];
+    for bind in &binds {
+        extra.extend(["--bind", bind.as_str()]);
+    }
+    let mut vm = tests::Vm::start_command(&mut jailer(
+        &base,
+        id,
+        &extra,
+        &[
+            "--kernel",
+            "/vmlinux",
+            "--initrd",
+            "/initramfs.cpio",
+            "--memory",
+            "256",
+            "--serial",
+            "off",
+        ],
+    ));
+    let status = vm.wait_exit(tests::boot_timeout());
+    let stderr = vm.stderr();
+    eprintln!("{stderr}");
+    assert_ne!(status.code(), Some(0), "{stderr}");
+    let lines: Vec<_> = stderr
+        .lines()
+        .filter(|l| l.starts_with("chapeau-jailer: the VM hit its cgroup memory limit"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].contains(&format!("limit of {limit} bytes (12 MiB, /sys/fs/cgroup/memory/chapeau/{id}/memory.limit_in_bytes)")),
+        "{stderr}"
+    );
+    assert_nothing_left(&base, id);
+}
