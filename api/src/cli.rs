@@ -139,6 +139,11 @@ pub struct Cli {
     /// How much chapeau logs to stderr.
     #[arg(long, value_enum, value_name = "LEVEL", default_value_t = LogLevel::Warn)]
     pub log_level: LogLevel,
+
+    /// What each thread's seccomp filter does with a syscall outside its policy. Only
+    /// `enforce` confines chapeau; `off` and `log` are for debugging a policy, and say so.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = SeccompMode::Enforce)]
+    pub seccomp: SeccompMode,
 }
 
 /// Names validation errors after the flags, since that is what the user typed.
@@ -220,6 +225,19 @@ impl LogLevel {
             LogLevel::Trace => "trace",
         }
     }
+}
+
+/// `--seccomp`. The vmm turns it into the filters' action; this crate knows no BPF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum SeccompMode {
+    /// No filter is installed.
+    Off,
+    /// The filters let a forbidden syscall through and the kernel logs it (SECCOMP_RET_LOG:
+    /// dmesg or the audit log).
+    Log,
+    /// A forbidden syscall ends chapeau (status 159), naming the thread and the syscall.
+    #[default]
+    Enforce,
 }
 
 // Implemented here rather than derived in `config` so the schema types do not depend on clap.
@@ -432,6 +450,30 @@ mod tests {
             assert_eq!(cli.log_level, level);
         }
         assert!(parse(&["--kernel", "/k", "--log-level", "loud"]).is_err());
+    }
+
+    #[test]
+    fn seccomp_mode_values() {
+        let mode = |args: &[&str]| parse(args).map(|c| c.seccomp);
+        assert_eq!(mode(&["--api-sock", "/s"]).unwrap(), SeccompMode::Enforce);
+        for (word, want) in [
+            ("off", SeccompMode::Off),
+            ("log", SeccompMode::Log),
+            ("enforce", SeccompMode::Enforce),
+        ] {
+            assert_eq!(
+                mode(&["--api-sock", "/s", "--seccomp", word]).unwrap(),
+                want
+            );
+        }
+        // It is not a VM flag: it goes with --config too.
+        assert!(mode(&["--config", "/c", "--seccomp", "log"]).is_ok());
+        assert_eq!(
+            mode(&["--api-sock", "/s", "--seccomp", "trap"])
+                .unwrap_err()
+                .kind(),
+            ErrorKind::InvalidValue
+        );
     }
 
     #[test]
@@ -749,6 +791,7 @@ mod tests {
             "--rng",
             "--config",
             "--log-level",
+            "--seccomp",
         ] {
             assert!(help.contains(flag), "{flag} missing from --help");
         }
@@ -760,6 +803,7 @@ mod tests {
             "[default: auto]",
             "[default: warn]",
             "[default: off]",
+            "[default: enforce]",
         ] {
             assert!(
                 help.contains(default),

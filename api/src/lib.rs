@@ -9,7 +9,7 @@ pub mod qemu;
 pub mod request;
 pub mod rest;
 
-pub use cli::{Cli, LogLevel};
+pub use cli::{Cli, LogLevel, SeccompMode};
 pub use config::{
     BootConfig, ConfigError, ConsoleConfig, FsConfig, MacAddr, MachineConfig, NetConfig,
     PmemConfig, PmemModel, PortConfig, PvmParams, RngConfig, SecurityModel, SerialConfig,

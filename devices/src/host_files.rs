@@ -18,6 +18,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostFileError {
@@ -259,6 +260,9 @@ impl CreatedFile {
             .open(parent)
             .ok()
             .map(OwnedFd::from);
+        if let Some(dir) = &dir {
+            remember_created_in(dir);
+        }
         let name =
             CString::new(path.file_name().unwrap_or_default().as_bytes()).unwrap_or_default();
         let identity = dir
@@ -292,6 +296,32 @@ impl CreatedFile {
         };
         (rc == 0).then_some((st.st_dev, st.st_ino))
     }
+}
+
+/// Every directory a [`CreatedFile`] was made in, held open (O_PATH): once the VM runs, the
+/// VMM's Landlock rules still let it remove its files there and nowhere else.
+static CREATED_IN: Mutex<Vec<OwnedFd>> = Mutex::new(Vec::new());
+
+fn remember_created_in(dir: &OwnedFd) {
+    let identity = |fd: &OwnedFd| {
+        File::from(fd.try_clone().ok()?)
+            .metadata()
+            .ok()
+            .map(|m| (m.dev(), m.ino()))
+    };
+    let mut dirs = CREATED_IN.lock().unwrap_or_else(|e| e.into_inner());
+    let new = identity(dir);
+    if new.is_some() && !dirs.iter().any(|d| identity(d) == new) {
+        if let Ok(copy) = dir.try_clone() {
+            dirs.push(copy);
+        }
+    }
+}
+
+/// The directories chapeau created files in (its sockets, its pidfile), as O_PATH descriptors.
+pub fn created_file_dirs() -> Vec<OwnedFd> {
+    let dirs = CREATED_IN.lock().unwrap_or_else(|e| e.into_inner());
+    dirs.iter().filter_map(|d| d.try_clone().ok()).collect()
 }
 
 impl Drop for CreatedFile {

@@ -166,9 +166,62 @@ impl Cgroups {
         Cgroups { dirs }
     }
 
+    /// When the VM's memory cgroup reached its limit: the limit in bytes, the file that sets
+    /// it, and whether the kernel's OOM killer killed a process in it (else the limit was only
+    /// hit, which failed an allocation, e.g. a guest page KVM could not fault in). Read after
+    /// the child ended, before the cgroups are removed.
+    pub fn memory_limit_hit(&self) -> Option<MemoryLimitHit> {
+        let (dir, v1) = self
+            .dirs
+            .iter()
+            .find_map(|(controller, dir)| match controller {
+                Some("memory") => Some((dir, true)),
+                None => Some((dir, false)),
+                Some(_) => None,
+            })?;
+        let read = |file: &str| fs::read_to_string(dir.join(file)).ok();
+        // v1 memory.oom_control and v2 memory.events both have an "oom_kill N" line.
+        let count = |text: Option<String>, key: &str| -> u64 {
+            text.as_deref()
+                .and_then(|t| t.lines().find_map(|l| l.strip_prefix(key)))
+                .and_then(|n| n.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let (limit_file, oom_kills, hits) = if v1 {
+            (
+                "memory.limit_in_bytes",
+                count(read("memory.oom_control"), "oom_kill "),
+                read("memory.failcnt")
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or(0),
+            )
+        } else {
+            let events = read("memory.events");
+            (
+                "memory.max",
+                count(events.clone(), "oom_kill "),
+                count(events, "max "),
+            )
+        };
+        let limit = read(limit_file)?.trim().parse().ok()?;
+        (oom_kills > 0 || hits > 0).then(|| MemoryLimitHit {
+            limit,
+            file: dir.join(limit_file),
+            oom_killed: oom_kills > 0,
+        })
+    }
+
     pub fn dirs(&self) -> impl Iterator<Item = &Path> {
         self.dirs.iter().map(|(_, d)| d.as_path())
     }
+}
+
+/// See [`Cgroups::memory_limit_hit`].
+#[derive(Debug, PartialEq)]
+pub struct MemoryLimitHit {
+    pub limit: u64,
+    pub file: PathBuf,
+    pub oom_killed: bool,
 }
 
 fn remove_cgroup_dir(dir: &Path) -> Result<()> {

@@ -140,6 +140,8 @@ pub fn prepare(
         make_dir(root, 0o700).map_err(io_error("create the jail root", root))?;
         copy_binary(exec_file, &jail.host_path(Path::new(JAIL_BINARY)))?;
         make_devices(jail, uid, gid)?;
+        let proc_dir = jail.host_path(Path::new(JAIL_PROC));
+        make_dir(&proc_dir, 0o555).map_err(io_error("create the /proc mount point", &proc_dir))?;
         for bind in binds {
             make_mount_point(jail, bind)?;
         }
@@ -227,6 +229,24 @@ fn make_mount_point(jail: &JailDir, bind: &BindMount) -> Result<()> {
     Ok(())
 }
 
+/// Where the jail's procfs is mounted.
+const JAIL_PROC: &str = "/proc";
+
+/// A procfs of the jail's own PID namespace (chapeau and its threads alone), holding only the
+/// per-process directories (`subset=pid`: no /proc/sys, /proc/kcore, ...), nosuid, nodev,
+/// noexec. The 9p server needs it: it reopens the files it holds through /proc/self/fd.
+fn mount_proc(target: &Path) -> Result<()> {
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount(
+        Some("proc"),
+        target,
+        Some("proc"),
+        flags,
+        Some("hidepid=invisible,subset=pid"),
+    )
+    .map_err(io_error("mount the jail's /proc", target))
+}
+
 /// In the child, inside its new mount namespace: stops mount events from leaving it, mounts the
 /// binds, and makes the jail root the process's `/` with the host's tree detached.
 pub fn enter(jail: &JailDir, binds: &[BindMount]) -> Result<()> {
@@ -260,6 +280,7 @@ pub fn enter(jail: &JailDir, binds: &[BindMount]) -> Result<()> {
         }
         mount(none, &target, none, flags, none).map_err(io_error(step, &target))?;
     }
+    mount_proc(&jail.host_path(Path::new(JAIL_PROC)))?;
     // pivot_root(".", ".") stacks the old root on top of the new one; unmounting "." then
     // detaches the host's tree without needing a directory for it in the jail.
     chdir(&jail.root).map_err(io_error("pivot_root", &jail.root))?;

@@ -78,6 +78,11 @@ pub fn run(args: &Args) -> Result<i32> {
         Ok(None) => return Ok(0),
         Err(e) => Err(e),
     };
+    if let Ok(code) = status {
+        if let Some(line) = memory_limit_message(code, cgroups.memory_limit_hit()) {
+            eprintln!("chapeau-jailer: {line}");
+        }
+    }
     let removed_cgroups = cgroups.remove();
     let removed_dir = jail.dir.remove();
     let status = status?;
@@ -292,6 +297,25 @@ fn wait_for(child: Pid) -> Result<i32> {
     }
 }
 
+/// The line to print when chapeau ended with `code` after its memory cgroup reached the limit:
+/// killed by the OOM killer, or failing (KVM could not fault in a guest page). A VM that ended
+/// well is not blamed on reclaim that merely touched the limit.
+fn memory_limit_message(code: i32, hit: Option<cgroup::MemoryLimitHit>) -> Option<String> {
+    let hit = hit.filter(|h| h.oom_killed || code != 0)?;
+    let how = if hit.oom_killed {
+        "the kernel's OOM killer killed chapeau".to_owned()
+    } else {
+        format!("chapeau ended with status {code}")
+    };
+    Some(format!(
+        "the VM hit its cgroup memory limit of {} bytes ({} MiB, {}) and {how}: \
+         raise the limit or give the guest less memory",
+        hit.limit,
+        hit.limit >> 20,
+        hit.file.display()
+    ))
+}
+
 /// `--cleanup --id ID`: removes what a daemonized jail left, refusing while its chapeau runs
 /// (a cgroup that still has a process cannot be removed, and the directory stays then).
 fn cleanup(args: &Args) -> Result<()> {
@@ -325,5 +349,33 @@ fn validate_id(id: &str) -> Result<()> {
             id,
             "the id must be 1 to 64 of A-Z a-z 0-9 and '-'",
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cgroup::MemoryLimitHit;
+
+    #[test]
+    fn the_memory_limit_is_named_only_when_it_ended_the_vm() {
+        let hit = |oom_killed| {
+            Some(MemoryLimitHit {
+                limit: 32 << 20,
+                file: "/sys/fs/cgroup/memory/chapeau/vm1/memory.limit_in_bytes".into(),
+                oom_killed,
+            })
+        };
+        assert_eq!(
+            memory_limit_message(137, hit(true)).unwrap(),
+            "the VM hit its cgroup memory limit of 33554432 bytes (32 MiB, \
+             /sys/fs/cgroup/memory/chapeau/vm1/memory.limit_in_bytes) and the kernel's OOM \
+             killer killed chapeau: raise the limit or give the guest less memory"
+        );
+        assert!(memory_limit_message(1, hit(false))
+            .unwrap()
+            .contains("and chapeau ended with status 1:"));
+        assert_eq!(memory_limit_message(0, hit(false)), None);
+        assert_eq!(memory_limit_message(137, None), None);
     }
 }

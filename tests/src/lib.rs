@@ -114,6 +114,53 @@ pub fn chapeau_bin() -> PathBuf {
     bin
 }
 
+/// `chapeau` built with the vmm's `forbidden-syscall-test` feature (its test hooks, see
+/// vmm/src/test_hooks.rs), in a target directory of its own so that neither the binary under
+/// test nor a release build ever has them. Built once per test process (debug profile).
+pub fn chapeau_with_test_hooks() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let target_dir = workspace_root().join("target/test-hooks");
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "vmm", "--bin", "chapeau"])
+            .args(["--features", "forbidden-syscall-test", "--target-dir"])
+            .arg(&target_dir)
+            .current_dir(workspace_root())
+            .status()
+            .expect("run cargo");
+        assert!(
+            status.success(),
+            "building chapeau with its test hooks failed"
+        );
+        target_dir.join("debug/chapeau")
+    })
+    .clone()
+}
+
+/// Each thread of process `pid` (but KVM's own) and its `Seccomp:` mode from /proc: 0 none,
+/// 2 filtered; sorted by name.
+pub fn thread_seccomp_modes(pid: u32) -> Vec<(String, String)> {
+    let mut threads: Vec<(String, String)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .map(|task| {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            let mode = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Seccomp:"))
+                .unwrap_or("?")
+                .trim()
+                .to_string();
+            (comm.trim().to_string(), mode)
+        })
+        // KVM's own worker thread in our process is KVM's, not ours.
+        .filter(|(comm, _)| !comm.starts_with("kvm-"))
+        .collect();
+    threads.sort();
+    threads
+}
+
 #[derive(Default)]
 struct Output {
     stdout: Vec<String>,

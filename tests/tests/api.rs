@@ -14,7 +14,7 @@ use tests::kata::GUEST_IP;
 use tests::netns::Netns;
 use tests::{
     api_call, boot_timeout, chapeau_bin, connect, guest_file, initramfs, read_exactly, scratch_dir,
-    Vm,
+    thread_seccomp_modes, Vm,
 };
 
 const AGENT_PORT: &str = "agent.channel.0";
@@ -71,28 +71,6 @@ fn exits_total(sock: &Path) -> u64 {
 
 fn file_len(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
-}
-
-fn thread_seccomp_modes(pid: u32) -> Vec<(String, String)> {
-    let mut threads: Vec<(String, String)> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-        .map(|task| {
-            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-            let mode = status
-                .lines()
-                .find_map(|l| l.strip_prefix("Seccomp:"))
-                .unwrap_or("?")
-                .trim()
-                .to_string();
-            (comm.trim().to_string(), mode)
-        })
-        // KVM's own worker thread in our process is KVM's, not ours.
-        .filter(|(comm, _)| !comm.starts_with("kvm-"))
-        .collect();
-    threads.sort();
-    threads
 }
 
 /// Requests that must be refused before anything is configured, each with its code and a

@@ -40,7 +40,14 @@ pub fn start(path: &Path, vmm: &mut Vmm) -> Result<ApiServer, ApiServerError> {
     let thread = std::thread::Builder::new()
         .name(seccomp::API_THREAD.into())
         .spawn(move || {
-            if let Err(e) = seccomp::apply(&filters, seccomp::API_THREAD) {
+            // Landlock first (its syscalls then need no room in the filter): the thread
+            // only parses and forwards, so it may reach no path at all.
+            let confined = crate::landlock::restrict_thread(&[])
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    seccomp::apply(&filters, seccomp::API_THREAD).map_err(|e| e.to_string())
+                });
+            if let Err(e) = confined {
                 log::error!("{e}; the API is not served");
                 return;
             }

@@ -63,6 +63,10 @@ pub fn main() -> ExitCode {
         }
     };
     vmm.set_pvm_default(cli.pvm_params);
+    if let Err(e) = vmm.set_seccomp_mode(cli.seccomp) {
+        eprintln!("chapeau: {e}");
+        return ExitCode::from(status::FAILURE);
+    }
     let api = match &cli.api_sock {
         Some(path) => match crate::api_server::start(path, &mut vmm) {
             Ok(server) => Some(server),

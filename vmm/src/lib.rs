@@ -8,6 +8,7 @@ pub mod cli;
 pub mod device_manager;
 pub mod event_loop;
 pub mod host_files;
+pub mod landlock;
 pub mod loader;
 pub mod logger;
 pub mod memory;
@@ -15,6 +16,8 @@ pub mod pvm;
 pub mod qemu;
 pub mod qmp_server;
 pub mod seccomp;
+#[cfg(feature = "forbidden-syscall-test")]
+pub mod test_hooks;
 pub mod vmm;
 pub mod vstate;
 

@@ -4,7 +4,6 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
-use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use api::qemu::qmp::{QmpBackend, QmpEvent};
@@ -13,7 +12,9 @@ use api::{RequestError, VmState, VmmRequest, VmmResponse};
 use devices::unix_socket::{bind_unix_listener, SocketError, SocketFile};
 use devices::ExitReason;
 
-use crate::seccomp::{self, SeccompFilters};
+use devices::virtio::ThreadConfinement;
+
+use crate::seccomp;
 use crate::vmm::{ApiClient, RuntimeError, Vmm};
 
 #[derive(Debug, thiserror::Error)]
@@ -50,12 +51,14 @@ pub fn start(endpoint: &QmpEndpoint, vmm: &mut Vmm) -> Result<QmpServer, QmpThre
     let mut backend = RuntimeBackend {
         client: vmm.api_client()?,
     };
-    let filters: Arc<SeccompFilters> = vmm.seccomp_filters();
+    let confinement = seccomp::SeccompConfinement(vmm.seccomp_filters());
     let (notifier, inbox) = notice_channel()?;
     let thread = std::thread::Builder::new()
         .name(seccomp::QMP_THREAD.into())
         .spawn(move || {
-            if let Err(e) = seccomp::apply(&filters, seccomp::QMP_THREAD) {
+            // Landlock to no path at all, then the qmp filter: the thread only parses and
+            // forwards.
+            if let Err(e) = confinement.confine(seccomp::QMP_THREAD) {
                 log::error!("{e}; QMP is not served");
                 return;
             }

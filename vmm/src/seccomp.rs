@@ -5,12 +5,16 @@
 //! `chapeau: seccomp: thread <comm> made forbidden syscall <nr>` to stderr and exits with
 //! [`SECCOMP_EXIT_STATUS`]. The handler uses only write(2) and exit_group(2), which every
 //! thread's policy allows; if SIGSYS is blocked the kernel kills the process with it instead.
+//!
+//! `--seccomp log` turns every trap into SECCOMP_RET_LOG (the syscall runs and the kernel logs
+//! it), `--seccomp off` installs no filter: both for debugging a policy, and both say so.
 
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Once;
 
+use api::SeccompMode;
 use seccompiler::{sock_filter, BpfProgram};
 
 pub const VMM_THREAD: &str = "vmm";
@@ -37,6 +41,7 @@ pub enum SeccompError {
 
 pub struct SeccompFilters {
     filters: HashMap<String, BpfProgram>,
+    mode: SeccompMode,
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -77,13 +82,40 @@ impl SeccompFilters {
                 .collect();
             filters.insert(name.to_string(), program);
         }
-        Ok(Self { filters })
+        Ok(Self {
+            filters,
+            mode: SeccompMode::Enforce,
+        })
+    }
+
+    /// The same policies under `mode`: with `Log`, every instruction that would trap returns
+    /// SECCOMP_RET_LOG instead (the policy's only non-allow action is `trap`; the build checks
+    /// nothing else, so the rewrite covers the default and every argument mismatch alike).
+    pub fn with_mode(mut self, mode: SeccompMode) -> Self {
+        if mode == SeccompMode::Log {
+            for program in self.filters.values_mut() {
+                for insn in program.iter_mut() {
+                    if insn.code == BPF_RET_K && insn.k == libc::SECCOMP_RET_TRAP {
+                        insn.k = libc::SECCOMP_RET_LOG;
+                    }
+                }
+            }
+        }
+        self.mode = mode;
+        self
+    }
+
+    pub fn mode(&self) -> SeccompMode {
+        self.mode
     }
 
     pub fn get(&self, name: &str) -> Option<&BpfProgram> {
         self.filters.get(name)
     }
 }
+
+/// BPF_RET | BPF_K: return the constant `k`.
+const BPF_RET_K: u16 = 0x06;
 
 /// The exit status after a seccomp violation: 128 + SIGSYS, what a shell reports for a process
 /// killed by SIGSYS.
@@ -210,6 +242,8 @@ pub fn prepare_process() -> Result<(), SeccompError> {
     static INSTALL: Once = Once::new();
     let mut result = Ok(());
     INSTALL.call_once(|| {
+        #[cfg(feature = "forbidden-syscall-test")]
+        crate::test_hooks::init();
         prepare_allocator();
         // SAFETY: a zeroed sigaction is valid; we set an SA_SIGINFO handler with the matching
         // signature and an empty mask, and pass valid pointers.
@@ -240,27 +274,66 @@ fn remember_thread_name() {
     THREAD_NAME.set(comm);
 }
 
-/// Confines device threads with the filter of their kind (`net`, `9p`).
+/// Confines device threads with the filter of their kind (`net`, `9p`), after Landlock: the 9p
+/// workers have limited themselves to their export already; any other device thread (started
+/// while the VM is built, before the `vmm` thread's own Landlock) may reach no path at all.
 pub struct SeccompConfinement(pub Arc<SeccompFilters>);
 
 impl devices::virtio::ThreadConfinement for SeccompConfinement {
     fn confine(&self, kind: &str) -> Result<(), String> {
+        if kind != "9p" {
+            crate::landlock::restrict_thread(&[]).map_err(|e| e.to_string())?;
+        }
         apply(&self.0, kind).map_err(|e| e.to_string())
     }
 }
 
 /// Installs the filter of category `name` on the calling thread (and, once per process, the
-/// SIGSYS handler that reports a violation).
+/// SIGSYS handler that reports a violation); with `--seccomp off`, none.
 pub fn apply(filters: &SeccompFilters, name: &str) -> Result<(), SeccompError> {
     let program = filters
         .get(name)
         .ok_or_else(|| SeccompError::Missing(name.into()))?;
     prepare_process()?;
     remember_thread_name();
-    seccompiler::apply_filter(program).map_err(|source| SeccompError::Install {
-        name: name.into(),
-        source,
-    })
+    unblock_sigsys();
+    if filters.mode != SeccompMode::Off {
+        seccompiler::apply_filter(program).map_err(|source| SeccompError::Install {
+            name: name.into(),
+            source,
+        })?;
+    }
+    #[cfg(feature = "forbidden-syscall-test")]
+    crate::test_hooks::after_filter(name);
+    Ok(())
+}
+
+/// Lets SIGSYS reach the calling thread's handler: threads that block every signal (the net
+/// workers do) would otherwise be killed by a violation without a word.
+fn unblock_sigsys() {
+    // SAFETY: sigemptyset/sigaddset initialise the set on our stack; pthread_sigmask reads it
+    // and changes only this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGSYS);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// The warn line `--seccomp off` or `log` earns at start, `None` for `enforce`.
+pub fn mode_warning(mode: SeccompMode) -> Option<&'static str> {
+    match mode {
+        SeccompMode::Enforce => None,
+        SeccompMode::Off => Some(
+            "--seccomp off: no thread runs under a seccomp filter; a compromised thread may make \
+             any syscall. For debugging only",
+        ),
+        SeccompMode::Log => Some(
+            "--seccomp log: forbidden syscalls are allowed and only logged by the kernel \
+             (dmesg/audit: type=SECCOMP); nothing is stopped. For debugging only",
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -326,7 +399,12 @@ mod tests {
 
     /// Runs `body` in a forked child that first installs the `name` filter with [`apply`].
     fn in_filtered_child(name: &str, body: fn()) -> Child {
-        let filters = SeccompFilters::builtin().unwrap();
+        in_child_under(SeccompMode::Enforce, name, body)
+    }
+
+    /// [`in_filtered_child`] with the filters in `mode`.
+    fn in_child_under(mode: SeccompMode, name: &str, body: fn()) -> Child {
+        let filters = SeccompFilters::builtin().unwrap().with_mode(mode);
         in_child(&format!("filtered-{name}"), move || {
             if apply(&filters, name).is_err() {
                 // SAFETY: _exit is always safe to call.
@@ -438,6 +516,92 @@ mod tests {
                 format!("chapeau: seccomp: thread filtered-{name} made forbidden syscall 41\n")
             );
         }
+    }
+
+    /// The `Seccomp:` field of the calling thread's /proc status: 0 none, 2 filtered.
+    fn seccomp_status() -> String {
+        std::fs::read_to_string("/proc/thread-self/status")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:").map(|v| v.trim().to_string()))
+            .unwrap()
+    }
+
+    /// `--seccomp log`: a syscall outside the policy runs (the kernel logs it) and the thread
+    /// lives on, still filtered; `--seccomp off`: no filter at all. `enforce` keeps every trap.
+    #[test]
+    fn log_mode_lets_a_forbidden_syscall_through_and_off_installs_nothing() {
+        let traps = |mode| {
+            let filters = SeccompFilters::builtin().unwrap().with_mode(mode);
+            let program = filters.get(VMM_THREAD).unwrap();
+            let count = |k| {
+                program
+                    .iter()
+                    .filter(|i| i.code == BPF_RET_K && i.k == k)
+                    .count()
+            };
+            (count(libc::SECCOMP_RET_TRAP), count(libc::SECCOMP_RET_LOG))
+        };
+        let (enforced, _) = traps(SeccompMode::Enforce);
+        assert!(enforced > 0);
+        assert_eq!(traps(SeccompMode::Log), (0, enforced));
+
+        for (mode, field) in [(SeccompMode::Log, "2"), (SeccompMode::Off, "0")] {
+            let child = in_child_under(mode, VMM_THREAD, || {
+                // SAFETY: socket(2) with constant arguments; the fd is closed at once.
+                let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+                let code = if fd < 0 { 1 } else { 0 };
+                let code = code + if seccomp_status() == "2" { 10 } else { 20 };
+                // SAFETY: _exit ends the child with a code the parent decodes.
+                unsafe { libc::_exit(code) };
+            });
+            let want = if field == "2" { 10 } else { 20 };
+            assert!(
+                child.exited_with(want),
+                "{mode:?}: {:#x}: {}",
+                child.status,
+                child.stderr
+            );
+        }
+        assert!(mode_warning(SeccompMode::Enforce).is_none());
+        assert!(mode_warning(SeccompMode::Off)
+            .unwrap()
+            .contains("--seccomp off"));
+        assert!(mode_warning(SeccompMode::Log)
+            .unwrap()
+            .contains("--seccomp log"));
+    }
+
+    /// A thread that blocked every signal before its filter (as the net workers do) is still
+    /// reported, not killed silently by the kernel.
+    #[test]
+    fn a_thread_that_blocks_every_signal_still_reports_its_violation() {
+        let filters = SeccompFilters::builtin().unwrap();
+        let child = in_child("all-blocked", move || {
+            // SAFETY: sigfillset initialises the set on our stack; pthread_sigmask changes
+            // only this thread's mask.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigfillset(&mut set);
+                libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            }
+            if apply(&filters, VCPU_THREAD).is_err() {
+                // SAFETY: _exit is always safe to call.
+                unsafe { libc::_exit(100) };
+            }
+            // SAFETY: socket(2) with constant arguments; no memory is passed.
+            unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        });
+        assert!(
+            child.exited_with(SECCOMP_EXIT_STATUS),
+            "{:#x}: {}",
+            child.status,
+            child.stderr
+        );
+        assert_eq!(
+            child.stderr,
+            "chapeau: seccomp: thread all-blocked made forbidden syscall 41\n"
+        );
     }
 
     #[test]

@@ -218,6 +218,16 @@ impl Vmm {
         self.pvm_default = pvm_params;
     }
 
+    /// What the seccomp filters do with a forbidden syscall (`--seccomp`); call before any
+    /// thread is started. `off` and `log` are said once at warn level.
+    pub fn set_seccomp_mode(&mut self, mode: api::SeccompMode) -> Result<(), RuntimeError> {
+        self.filters = Arc::new(SeccompFilters::builtin()?.with_mode(mode));
+        if let Some(warning) = seccomp::mode_warning(mode) {
+            log::warn!("{warning}");
+        }
+        Ok(())
+    }
+
     /// The compiled seccomp filters, for the threads the front ends start.
     pub fn seccomp_filters(&self) -> Arc<SeccompFilters> {
         self.filters.clone()
@@ -495,6 +505,10 @@ impl Vmm {
         let mut kick = Ok(());
         KICK_HANDLER.call_once(|| kick = vcpu::install_kick_handler());
         kick.map_err(|e| internal(&e))?;
+        // From here on no path is opened: Landlock (inherited by the vCPU threads and any
+        // thread started later) leaves only the removal of the files chapeau created.
+        crate::landlock::restrict_thread(&devices::host_files::created_file_dirs())
+            .map_err(|e| internal(&e))?;
         let vcpus = Vcpus::start(built.vcpus, &context, &self.filters).map_err(|e| internal(&e))?;
         self.running = Some(RunningVm {
             vcpus,
@@ -509,6 +523,8 @@ impl Vmm {
         });
         self.state = VmState::Running;
         seccomp::apply(&self.filters, seccomp::VMM_THREAD).map_err(|e| internal(&e))?;
+        #[cfg(feature = "forbidden-syscall-test")]
+        crate::test_hooks::after_start();
         Ok(VmmResponse::Empty)
     }
 
