@@ -305,18 +305,3 @@ fn bench_image(image_mib: u64, data_mib: u64) -> Result<PathBuf, String> {
     let _ = std::fs::remove_file(&data);
     Ok(image)
 }
-
-fn run_tool(cmd: &mut Command) -> Result<(), String> {
-    let program = cmd.get_program().to_string_lossy().to_string();
-    let out = cmd
-        .output()
-        .map_err(|e| format!("cannot run {program}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{program} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}

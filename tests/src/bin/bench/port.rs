@@ -204,15 +204,7 @@ fn run_once(sys: System, setup: &Setup, opts: &Options) -> Result<PortResult, St
              would miss the probes of absent devices)"
         }
     };
-    println!(
-        "{}: {} {}",
-        sys.name(),
-        cmd.get_program().to_string_lossy(),
-        cmd.get_args()
-            .map(|a| a.to_string_lossy())
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    println!("{}: {}", sys.name(), command_line(&cmd));
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

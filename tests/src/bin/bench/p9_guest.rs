@@ -1,0 +1,170 @@
+//! `bench p9-guest`: the test guest on a 9p share, chapeau's virtio-9p beside QEMU's
+//! virtio-9p-pci (`-fsdev local,security_model=none`) in the same run, same guest, same host
+//! directory (emptied between the systems).
+//!
+//! The guest runs `test=9p-bench`: it mounts the share as Kata does (`trans=virtio,
+//! version=9p2000.L,msize=512000,cache=none`) and /bin/guest-bench (resources/guest/
+//! guest-bench.c, appended to the initramfs) writes a file in 1 MiB writes then fsyncs it,
+//! reads it back, and creates, fstats, closes and unlinks small files, timing each phase with
+//! the guest's clock. The host checks the file's size and samples the VMM's CPU time over the
+//! whole run of the helper.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::guest::{bench_initramfs, boot, print_table, vmm_cpu_ms, Column};
+use super::*;
+
+const ACTION: &str = "GUEST_ACTION=9p-bench";
+const RESULT: &str = "GUEST_P9_BENCH";
+const TAG: &str = "kataShared";
+const MEMORY_MIB: u64 = 256;
+
+struct Options {
+    mib: u64,
+    files: u64,
+    systems: Vec<System>,
+    guest_dir: PathBuf,
+    timeout: Duration,
+}
+
+pub(crate) fn run(args: &[String]) -> Result<(), Failure> {
+    let mut opts = Options {
+        mib: 64,
+        files: 1000,
+        systems: vec![System::Chapeau, System::QemuMicrovm],
+        guest_dir: default_guest_dir(),
+        timeout: Duration::from_secs(900),
+    };
+    parse_flags(args, |flag, value| {
+        match flag {
+            "--mib" => opts.mib = parse_positive(flag, &value()?)?,
+            "--files" => opts.files = parse_positive(flag, &value()?)?,
+            "--timeout" => opts.timeout = Duration::from_secs(parse_positive(flag, &value()?)?),
+            "--guest-dir" => opts.guest_dir = PathBuf::from(value()?),
+            "--systems" => {
+                opts.systems = parse_systems(&value()?, &[System::Chapeau, System::QemuMicrovm])?
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    })
+    .map_err(Failure::Usage)?;
+    let cmdline = format!(
+        "console=ttyS0 reboot=k panic=1 test=9p-bench bench_mib={} bench_files={}",
+        opts.mib, opts.files
+    );
+    let mut setup = prepare(&opts.guest_dir, &opts.systems, &cmdline, "microvm,pcie=on")?;
+    setup.initramfs = bench_initramfs(&setup.initramfs)?;
+    let export = ::tests::scratch_dir().join("bench-p9-guest");
+    println!(
+        "p9-guest benchmark: {} MiB written and read in 1 MiB calls, {} small files, on {} \
+         (tag {TAG}, msize=512000, cache=none), 1 vCPU, {MEMORY_MIB} MiB, host {}",
+        opts.mib,
+        opts.files,
+        export.display(),
+        if setup.pvm_host {
+            "PVM (guest kernel mode emulated: guest-driven figures are low)"
+        } else {
+            "KVM"
+        }
+    );
+    print_setup(&setup, &opts.systems);
+
+    let mut rows = Vec::new();
+    for sys in &opts.systems {
+        let result = run_once(*sys, &setup, &opts, &export);
+        if let Err(e) = &result {
+            println!("{}: FAILED: {e}", sys.name());
+        }
+        rows.push((*sys, result));
+    }
+    let _ = std::fs::remove_dir_all(&export);
+    println!();
+    let columns = [
+        ("boot s", 1, false),
+        ("write MB/s", 2, true),
+        ("read MB/s", 2, true),
+        ("files/s", 1, true),
+        ("VMM CPU ms", 0, false),
+        ("vCPU CPU s", 1, false),
+    ]
+    .map(|(name, digits, higher_better)| Column {
+        name,
+        digits,
+        higher_better,
+    });
+    print_table(&columns, &rows);
+    println!(
+        "MB/s = 10^6 bytes/s, timed in the guest (write includes the fsync); files/s = \
+         create+fstat+close+unlink per second; VMM CPU = CPU time of the VMM's non-vCPU threads \
+         (utime+stime, ended threads included) from {ACTION} to the result line, mount \
+         included; boot = start to {ACTION}."
+    );
+    let failed: Vec<String> = rows
+        .iter()
+        .filter_map(|(sys, r)| r.as_ref().err().map(|e| format!("{}: {e}", sys.name())))
+        .collect();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::Run(failed.join("; ")))
+    }
+}
+
+/// One system's row: boot s, write MB/s, read MB/s, files/s, VMM CPU ms, vCPU CPU s.
+fn run_once(
+    sys: System,
+    setup: &Setup,
+    opts: &Options,
+    export: &std::path::Path,
+) -> Result<Vec<f64>, String> {
+    let _ = std::fs::remove_dir_all(export);
+    std::fs::create_dir_all(export).map_err(|e| format!("{}: {e}", export.display()))?;
+    let mut cmd = command_for(sys, setup, 1, MEMORY_MIB)?;
+    match sys {
+        System::Chapeau => cmd.arg("--fs").arg(format!(
+            "tag={TAG},path={},security_model=none",
+            export.display()
+        )),
+        _ => cmd
+            .arg("-fsdev")
+            .arg(format!(
+                "local,id=fs0,path={},security_model=none",
+                export.display()
+            ))
+            .args(["-device", &format!("virtio-9p-pci,fsdev=fs0,mount_tag={TAG}")]),
+    };
+    let (mut vm, boot_s) = boot(sys, &mut cmd, ACTION, opts.timeout)?;
+    let pid = vm.pid();
+    let before = vmm_cpu_ms(pid)?;
+    let line = vm.try_wait_for(RESULT, opts.timeout)?;
+    let after = vmm_cpu_ms(pid)?;
+    println!("{}: {line}", sys.name());
+    let field = |key: &str| -> Result<f64, String> {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("no {key} in {line:?}"))
+    };
+    let row = vec![
+        boot_s,
+        field("write_mbps=")?,
+        field("read_mbps=")?,
+        field("files_per_s=")?,
+        after.0 - before.0,
+        (after.1 - before.1) / 1000.0,
+    ];
+    let size = std::fs::metadata(export.join("seq"))
+        .map_err(|e| format!("the guest's file: {e}"))?
+        .len();
+    if size != opts.mib << 20 {
+        return Err(format!(
+            "the guest's file has {size} bytes, not {}",
+            opts.mib << 20
+        ));
+    }
+    let status = vm.try_wait_exit(Duration::from_secs(120))?;
+    println!("{}: {status}", sys.name());
+    Ok(row)
+}
