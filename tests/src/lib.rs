@@ -256,17 +256,15 @@ impl Vm {
 
     /// Waits for the process to exit; panics with its output if it does not in time.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        self.try_wait_exit(timeout).unwrap_or_else(|e| panic!("{e}"))
+        self.try_wait_exit(timeout)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// [`Vm::wait_exit`] for callers that go on after a failure.
     pub fn try_wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus, String> {
         let deadline = Instant::now() + timeout;
         loop {
-            let status = self
-                .child
-                .try_wait()
-                .map_err(|e| format!("wait: {e}"))?;
+            let status = self.child.try_wait().map_err(|e| format!("wait: {e}"))?;
             if let Some(status) = status {
                 self.status = Some(status);
                 std::thread::sleep(Duration::from_millis(100));

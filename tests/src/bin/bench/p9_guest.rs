@@ -133,7 +133,10 @@ fn run_once(
                 "local,id=fs0,path={},security_model=none",
                 export.display()
             ))
-            .args(["-device", &format!("virtio-9p-pci,fsdev=fs0,mount_tag={TAG}")]),
+            .args([
+                "-device",
+                &format!("virtio-9p-pci,fsdev=fs0,mount_tag={TAG}"),
+            ]),
     };
     let (mut vm, boot_s) = boot(sys, &mut cmd, ACTION, opts.timeout)?;
     let pid = vm.pid();
