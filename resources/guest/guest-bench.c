@@ -42,33 +42,23 @@ static double now(void) {
 	return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-static int read_full(int fd, void *p, size_t n) {
-	char *c = p;
+/* Moves all n bytes through read(2) or write(2); -1 on an error or end of file. */
+static int full(int fd, char *p, size_t n, int writing) {
 	while (n) {
-		ssize_t r = read(fd, c, n);
+		ssize_t r = writing ? write(fd, p, n) : read(fd, p, n);
 		if (r < 0 && errno == EINTR)
 			continue;
 		if (r <= 0)
 			return -1;
-		c += r;
+		p += r;
 		n -= r;
 	}
 	return 0;
 }
 
-static int write_full(int fd, const void *p, size_t n) {
-	const char *c = p;
-	while (n) {
-		ssize_t r = write(fd, c, n);
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r <= 0)
-			return -1;
-		c += r;
-		n -= r;
-	}
-	return 0;
-}
+static int read_full(int fd, void *p, size_t n) { return full(fd, p, n, 0); }
+
+static int write_full(int fd, const void *p, size_t n) { return full(fd, (char *)p, n, 1); }
 
 /* One connection; returns 1 when told to quit. */
 static int serve(int c) {

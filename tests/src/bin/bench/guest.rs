@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tests::Vm;
+use ::tests::Vm;
 
 use super::*;
 
@@ -78,6 +78,55 @@ pub(crate) fn boot(
     let boot_s = start.elapsed().as_secs_f64();
     println!("{}: {marker} after {boot_s:.1} s", sys.name());
     Ok((vm, boot_s))
+}
+
+/// Runs `run_once` for each system in turn, saying at once when one fails (the others still
+/// run).
+pub(crate) fn each_system<T>(
+    systems: &[System],
+    mut run_once: impl FnMut(System) -> Result<T, String>,
+) -> Vec<(System, Result<T, String>)> {
+    systems
+        .iter()
+        .map(|sys| {
+            let result = run_once(*sys);
+            if let Err(e) = &result {
+                println!("{}: FAILED: {e}", sys.name());
+            }
+            (*sys, result)
+        })
+        .collect()
+}
+
+/// The benchmark's end: every failure, or Ok when all systems ran.
+pub(crate) fn all_ran<T>(rows: &[(System, Result<T, String>)]) -> Result<(), Failure> {
+    let failed: Vec<String> = rows
+        .iter()
+        .filter_map(|(sys, r)| r.as_ref().err().map(|e| format!("{}: {e}", sys.name())))
+        .collect();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::Run(failed.join("; ")))
+    }
+}
+
+/// "PVM (...)" or "KVM", for the header line.
+pub(crate) fn host_kind(setup: &Setup) -> &'static str {
+    if setup.pvm_host {
+        "PVM (guest kernel mode emulated: guest-driven figures are low)"
+    } else {
+        "KVM"
+    }
+}
+
+/// Columns from (name, decimals, whether higher is better).
+pub(crate) fn columns<const N: usize>(spec: [(&'static str, usize, bool); N]) -> [Column; N] {
+    spec.map(|(name, digits, higher_better)| Column {
+        name,
+        digits,
+        higher_better,
+    })
 }
 
 /// On-CPU time of a VMM process so far, in ms: (all threads but the vCPUs, the vCPU threads).

@@ -146,6 +146,41 @@ fn parse_systems(list: &str, allowed: &[System]) -> Result<Vec<System>, String> 
     Ok(systems)
 }
 
+/// The flags of the benchmarks that boot the guest under chapeau and one QEMU: `--systems`
+/// (of those two), `--guest-dir` and `--timeout` (seconds a boot may take).
+struct GuestFlags {
+    systems: Vec<System>,
+    /// The QEMU machine that may run beside chapeau.
+    peer: System,
+    guest_dir: PathBuf,
+    timeout: std::time::Duration,
+}
+
+impl GuestFlags {
+    /// chapeau and `qemu`, the tests' guest, 900 s.
+    fn new(qemu: System) -> Self {
+        GuestFlags {
+            systems: vec![System::Chapeau, qemu],
+            peer: qemu,
+            guest_dir: default_guest_dir(),
+            timeout: std::time::Duration::from_secs(900),
+        }
+    }
+
+    /// Takes `flag` if it is one of these; whether it was.
+    fn apply(&mut self, flag: &str, value: FlagValue) -> Result<bool, String> {
+        match flag {
+            "--timeout" => {
+                self.timeout = std::time::Duration::from_secs(parse_positive(flag, &value()?)?)
+            }
+            "--guest-dir" => self.guest_dir = PathBuf::from(value()?),
+            "--systems" => self.systems = parse_systems(&value()?, &[System::Chapeau, self.peer])?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+}
+
 /// `--guest-dir`'s default: the integration tests' guest (CHAPEAU_GUEST_DIR, else our own
 /// build in target/guest, else the shared guest).
 fn default_guest_dir() -> PathBuf {

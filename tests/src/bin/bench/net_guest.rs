@@ -10,12 +10,14 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use tests::netns::Netns;
+use ::tests::netns::Netns;
 
-use super::guest::{bench_initramfs, boot, in_netns, print_table, vmm_cpu_ms, Column};
+use super::guest::{
+    all_ran, bench_initramfs, boot, columns, each_system, host_kind, in_netns, print_table,
+    vmm_cpu_ms,
+};
 use super::*;
 
 const GUEST_IP: &str = "10.0.0.2";
@@ -29,9 +31,7 @@ const STALL: Duration = Duration::from_secs(120);
 struct Options {
     mib: u64,
     round_trips: u32,
-    systems: Vec<System>,
-    guest_dir: PathBuf,
-    timeout: Duration,
+    guest: GuestFlags,
 }
 
 /// One system's figures, in the table's column order.
@@ -50,51 +50,38 @@ pub(crate) fn run(args: &[String]) -> Result<(), Failure> {
     let mut opts = Options {
         mib: 64,
         round_trips: 1000,
-        systems: vec![System::Chapeau, System::QemuMicrovm],
-        guest_dir: default_guest_dir(),
-        timeout: Duration::from_secs(900),
+        guest: GuestFlags::new(System::QemuMicrovm),
     };
     parse_flags(args, |flag, value| {
         match flag {
             "--mib" => opts.mib = parse_positive(flag, &value()?)?,
             "--round-trips" => opts.round_trips = parse_positive(flag, &value()?)?,
-            "--timeout" => opts.timeout = Duration::from_secs(parse_positive(flag, &value()?)?),
-            "--guest-dir" => opts.guest_dir = PathBuf::from(value()?),
-            "--systems" => {
-                opts.systems = parse_systems(&value()?, &[System::Chapeau, System::QemuMicrovm])?
-            }
-            _ => return Ok(false),
+            _ => return opts.guest.apply(flag, value),
         }
         Ok(true)
     })
     .map_err(Failure::Usage)?;
     let cmdline = format!("console=ttyS0 reboot=k panic=1 test=netbench guest_ip={GUEST_IP}");
     // microvm has PCI only with its PCIe host; chapeau's virtio-net is on PCI too.
-    let mut setup = prepare(&opts.guest_dir, &opts.systems, &cmdline, "microvm,pcie=on")?;
+    let mut setup = prepare(
+        &opts.guest.guest_dir,
+        &opts.guest.systems,
+        &cmdline,
+        "microvm,pcie=on",
+    )?;
     setup.initramfs = bench_initramfs(&setup.initramfs)?;
     println!(
         "net-guest benchmark: {} MiB each way, {} round trips of 1 byte, 1 vCPU, {MEMORY_MIB} \
          MiB, tap with vnet_hdr in a private namespace, vhost off, host {}",
         opts.mib,
         opts.round_trips,
-        if setup.pvm_host {
-            "PVM (guest kernel mode emulated: guest-driven figures are low)"
-        } else {
-            "KVM"
-        }
+        host_kind(&setup)
     );
-    print_setup(&setup, &opts.systems);
+    print_setup(&setup, &opts.guest.systems);
 
-    let mut rows = Vec::new();
-    for sys in &opts.systems {
-        let result = run_once(*sys, &setup, &opts);
-        if let Err(e) = &result {
-            println!("{}: FAILED: {e}", sys.name());
-        }
-        rows.push((*sys, result));
-    }
+    let rows = each_system(&opts.guest.systems, |sys| run_once(sys, &setup, &opts));
     println!();
-    let columns = [
+    let columns = columns([
         ("boot s", 1, false),
         ("g->h MB/s", 2, true),
         ("g->h VMM ms/MiB", 1, false),
@@ -103,12 +90,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), Failure> {
         ("RR median us", 0, false),
         ("RR mean us", 0, false),
         ("RR VMM us", 0, false),
-    ]
-    .map(|(name, digits, higher_better)| Column {
-        name,
-        digits,
-        higher_better,
-    });
+    ]);
     let table: Vec<_> = rows
         .iter()
         .map(|(sys, r)| {
@@ -134,15 +116,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), Failure> {
          guest's echo and back; VMM = CPU time of the VMM's non-vCPU threads (utime+stime, \
          ended threads included) during the test; boot = start to {READY}."
     );
-    let failed: Vec<String> = rows
-        .iter()
-        .filter_map(|(sys, r)| r.as_ref().err().map(|e| format!("{}: {e}", sys.name())))
-        .collect();
-    if failed.is_empty() {
-        Ok(())
-    } else {
-        Err(Failure::Run(failed.join("; ")))
-    }
+    all_ran(&rows)
 }
 
 fn run_once(sys: System, setup: &Setup, opts: &Options) -> Result<Figures, String> {
@@ -162,7 +136,12 @@ fn run_once(sys: System, setup: &Setup, opts: &Options) -> Result<Figures, Strin
                 &format!("virtio-net-pci,netdev=net0,mac={MAC},romfile="),
             ]),
     };
-    let (mut vm, boot_s) = boot(sys, &mut in_netns(&cmd, ns.name()), READY, opts.timeout)?;
+    let (mut vm, boot_s) = boot(
+        sys,
+        &mut in_netns(&cmd, ns.name()),
+        READY,
+        opts.guest.timeout,
+    )?;
     let pid = vm.pid();
     let (bytes, trips) = (opts.mib << 20, opts.round_trips);
     let mut figures = ns.enter(move || measure(pid, bytes, trips))?;

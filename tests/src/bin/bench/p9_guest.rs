@@ -9,10 +9,11 @@
 //! the guest's clock. The host checks the file's size and samples the VMM's CPU time over the
 //! whole run of the helper.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use super::guest::{bench_initramfs, boot, print_table, vmm_cpu_ms, Column};
+use super::guest::{
+    all_ran, bench_initramfs, boot, columns, each_system, host_kind, print_table, vmm_cpu_ms,
+};
 use super::*;
 
 const ACTION: &str = "GUEST_ACTION=9p-bench";
@@ -23,29 +24,20 @@ const MEMORY_MIB: u64 = 256;
 struct Options {
     mib: u64,
     files: u64,
-    systems: Vec<System>,
-    guest_dir: PathBuf,
-    timeout: Duration,
+    guest: GuestFlags,
 }
 
 pub(crate) fn run(args: &[String]) -> Result<(), Failure> {
     let mut opts = Options {
         mib: 64,
         files: 1000,
-        systems: vec![System::Chapeau, System::QemuMicrovm],
-        guest_dir: default_guest_dir(),
-        timeout: Duration::from_secs(900),
+        guest: GuestFlags::new(System::QemuMicrovm),
     };
     parse_flags(args, |flag, value| {
         match flag {
             "--mib" => opts.mib = parse_positive(flag, &value()?)?,
             "--files" => opts.files = parse_positive(flag, &value()?)?,
-            "--timeout" => opts.timeout = Duration::from_secs(parse_positive(flag, &value()?)?),
-            "--guest-dir" => opts.guest_dir = PathBuf::from(value()?),
-            "--systems" => {
-                opts.systems = parse_systems(&value()?, &[System::Chapeau, System::QemuMicrovm])?
-            }
-            _ => return Ok(false),
+            _ => return opts.guest.apply(flag, value),
         }
         Ok(true)
     })
@@ -54,7 +46,12 @@ pub(crate) fn run(args: &[String]) -> Result<(), Failure> {
         "console=ttyS0 reboot=k panic=1 test=9p-bench bench_mib={} bench_files={}",
         opts.mib, opts.files
     );
-    let mut setup = prepare(&opts.guest_dir, &opts.systems, &cmdline, "microvm,pcie=on")?;
+    let mut setup = prepare(
+        &opts.guest.guest_dir,
+        &opts.guest.systems,
+        &cmdline,
+        "microvm,pcie=on",
+    )?;
     setup.initramfs = bench_initramfs(&setup.initramfs)?;
     let export = ::tests::scratch_dir().join("bench-p9-guest");
     println!(
@@ -63,37 +60,23 @@ pub(crate) fn run(args: &[String]) -> Result<(), Failure> {
         opts.mib,
         opts.files,
         export.display(),
-        if setup.pvm_host {
-            "PVM (guest kernel mode emulated: guest-driven figures are low)"
-        } else {
-            "KVM"
-        }
+        host_kind(&setup)
     );
-    print_setup(&setup, &opts.systems);
+    print_setup(&setup, &opts.guest.systems);
 
-    let mut rows = Vec::new();
-    for sys in &opts.systems {
-        let result = run_once(*sys, &setup, &opts, &export);
-        if let Err(e) = &result {
-            println!("{}: FAILED: {e}", sys.name());
-        }
-        rows.push((*sys, result));
-    }
+    let rows = each_system(&opts.guest.systems, |sys| {
+        run_once(sys, &setup, &opts, &export)
+    });
     let _ = std::fs::remove_dir_all(&export);
     println!();
-    let columns = [
+    let columns = columns([
         ("boot s", 1, false),
         ("write MB/s", 2, true),
         ("read MB/s", 2, true),
         ("files/s", 1, true),
         ("VMM CPU ms", 0, false),
         ("vCPU CPU s", 1, false),
-    ]
-    .map(|(name, digits, higher_better)| Column {
-        name,
-        digits,
-        higher_better,
-    });
+    ]);
     print_table(&columns, &rows);
     println!(
         "MB/s = 10^6 bytes/s, timed in the guest (write includes the fsync); files/s = \
@@ -101,15 +84,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), Failure> {
          (utime+stime, ended threads included) from {ACTION} to the result line, mount \
          included; boot = start to {ACTION}."
     );
-    let failed: Vec<String> = rows
-        .iter()
-        .filter_map(|(sys, r)| r.as_ref().err().map(|e| format!("{}: {e}", sys.name())))
-        .collect();
-    if failed.is_empty() {
-        Ok(())
-    } else {
-        Err(Failure::Run(failed.join("; ")))
-    }
+    all_ran(&rows)
 }
 
 /// One system's row: boot s, write MB/s, read MB/s, files/s, VMM CPU ms, vCPU CPU s.
@@ -138,10 +113,10 @@ fn run_once(
                 &format!("virtio-9p-pci,fsdev=fs0,mount_tag={TAG}"),
             ]),
     };
-    let (mut vm, boot_s) = boot(sys, &mut cmd, ACTION, opts.timeout)?;
+    let (mut vm, boot_s) = boot(sys, &mut cmd, ACTION, opts.guest.timeout)?;
     let pid = vm.pid();
     let before = vmm_cpu_ms(pid)?;
-    let line = vm.try_wait_for(RESULT, opts.timeout)?;
+    let line = vm.try_wait_for(RESULT, opts.guest.timeout)?;
     let after = vmm_cpu_ms(pid)?;
     println!("{}: {line}", sys.name());
     let field = |key: &str| -> Result<f64, String> {
