@@ -116,8 +116,17 @@ fn run_once(
     let (mut vm, boot_s) = boot(sys, &mut cmd, ACTION, opts.guest.timeout)?;
     let pid = vm.pid();
     let before = vmm_cpu_ms(pid)?;
-    let line = vm.try_wait_for(RESULT, opts.guest.timeout)?;
+    vm.try_wait_for(RESULT, opts.guest.timeout)?;
     let after = vmm_cpu_ms(pid)?;
+    // The guest powers off after its result line; only then is the line surely complete (the
+    // console can be slow enough to show half of it).
+    let status = vm.try_wait_exit(Duration::from_secs(300))?;
+    println!("{}: {status}", sys.name());
+    let stdout = vm.stdout();
+    let line = stdout
+        .lines()
+        .find(|l| l.contains(RESULT))
+        .ok_or("the result line went missing")?;
     println!("{}: {line}", sys.name());
     let field = |key: &str| -> Result<f64, String> {
         line.split_whitespace()
@@ -142,7 +151,5 @@ fn run_once(
             opts.mib << 20
         ));
     }
-    let status = vm.try_wait_exit(Duration::from_secs(120))?;
-    println!("{}: {status}", sys.name());
     Ok(row)
 }
