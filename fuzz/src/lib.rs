@@ -39,9 +39,21 @@ impl Input<'_> {
 /// Drives `device` as the input says: descriptors, avail entries, raw memory, kicks, resets and
 /// re-activations, in any order. Queue sizes are powers of two up to 256.
 pub fn drive_device<D: VirtioDevice + 'static>(device: D, features: u64, data: &[u8]) {
+    drive_device_with(device, features, data, |_| {});
+}
+
+/// [`drive_device`] for a device with its own threads: `settle` runs after every kick and at
+/// the end, and returns once the device has served what it was given.
+pub fn drive_device_with<D: VirtioDevice + 'static>(
+    device: D,
+    features: u64,
+    data: &[u8],
+    settle: impl Fn(&D),
+) {
     let Ok(mut driver) = FakeDriver::new(device) else {
         return;
     };
+    let settle = |driver: &FakeDriver<D>| settle(&driver.device.lock().unwrap_or_else(|p| p.into_inner()));
     let mut input = Input(data);
     let mut size: u16 = 1 << (input.u8() % 9);
     let queues = driver.queue_count();
@@ -81,6 +93,7 @@ pub fn drive_device<D: VirtioDevice + 'static>(device: D, features: u64, data: &
             5 => {
                 driver.kick_all();
                 driver.run(4);
+                settle(&driver);
             }
             6 => {
                 driver.reset();
@@ -95,4 +108,5 @@ pub fn drive_device<D: VirtioDevice + 'static>(device: D, features: u64, data: &
     }
     driver.kick_all();
     driver.run(8);
+    settle(&driver);
 }

@@ -346,6 +346,29 @@ case "$MODE" in
     fi
     echo "GUEST_9P_WORKLOAD=$r"
     do_poweroff ;;
+  netbench)
+    # bench net-guest: /bin/guest-bench (appended to the initramfs by the bench) serves TCP
+    # throughput and round trips on port 5001 until the host sends quit.
+    echo "GUEST_ACTION=netbench"
+    net_up
+    /bin/guest-bench net 5001 || echo "GUEST_BENCH=fail"
+    do_poweroff ;;
+  9p-bench)
+    # bench p9-guest: sequential and small-file figures on the 9p share, mounted as Kata does
+    # (bench_mib=N MiB, bench_files=N files, from the kernel command line).
+    echo "GUEST_ACTION=9p-bench"
+    mib=64; files=1000
+    for arg in $CMDLINE; do
+      case "$arg" in bench_mib=*) mib=${arg#bench_mib=} ;; bench_files=*) files=${arg#bench_files=} ;; esac
+    done
+    [ -d /mnt ] || mkdir -p /mnt 2>/dev/null
+    if mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=none kataShared /mnt; then
+      /bin/guest-bench fs /mnt "$mib" "$files"
+      umount /mnt
+    else
+      echo "GUEST_P9_BENCH=fail mount"
+    fi
+    do_poweroff ;;
   mmap-read)
     # DAX read benchmark: /bench.dat through mmap (see mmap-read.c), on the pmem root
     echo "GUEST_ACTION=mmap-read"

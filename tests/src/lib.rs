@@ -239,21 +239,34 @@ impl Vm {
     /// Waits for a line containing `needle` on stdout (or stderr); returns the line, or panics
     /// with everything seen so far.
     pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
-        self.wait_for_in(needle, timeout, false)
+        self.try_wait_for(needle, timeout)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     pub fn wait_for_stderr(&mut self, needle: &str, timeout: Duration) -> String {
         self.wait_for_in(needle, timeout, true)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
-    fn wait_for_in(&mut self, needle: &str, timeout: Duration, stderr: bool) -> String {
+    /// [`Vm::wait_for`] for callers that go on after a failure (the benchmarks): the error
+    /// holds everything seen so far.
+    pub fn try_wait_for(&mut self, needle: &str, timeout: Duration) -> Result<String, String> {
+        self.wait_for_in(needle, timeout, false)
+    }
+
+    fn wait_for_in(
+        &mut self,
+        needle: &str,
+        timeout: Duration,
+        stderr: bool,
+    ) -> Result<String, String> {
         let deadline = Instant::now() + timeout;
         let (lock, cond) = &*self.output;
         let mut out = lock.lock().unwrap();
         loop {
             let lines = if stderr { &out.stderr } else { &out.stdout };
             if let Some(line) = lines.iter().find(|l| l.contains(needle)) {
-                return line.clone();
+                return Ok(line.clone());
             }
             let now = Instant::now();
             let exited = self.child.try_wait().ok().flatten();
@@ -264,14 +277,14 @@ impl Vm {
                 let out = lock.lock().unwrap();
                 let lines = if stderr { &out.stderr } else { &out.stdout };
                 if let Some(line) = lines.iter().find(|l| l.contains(needle)) {
-                    return line.clone();
+                    return Ok(line.clone());
                 }
-                panic!(
+                return Err(format!(
                     "`{needle}` not seen after {:?} (exit: {exited:?})\n--- stdout ---\n{}\n--- stderr ---\n{}",
                     timeout,
                     out.stdout.join("\n"),
                     out.stderr.join("\n")
-                );
+                ));
             }
             out = cond
                 .wait_timeout(out, (deadline - now).min(Duration::from_millis(500)))
@@ -290,19 +303,26 @@ impl Vm {
 
     /// Waits for the process to exit; panics with its output if it does not in time.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        self.try_wait_exit(timeout)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Vm::wait_exit`] for callers that go on after a failure.
+    pub fn try_wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus, String> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(status) = self.child.try_wait().expect("wait for chapeau") {
+            let status = self.child.try_wait().map_err(|e| format!("wait: {e}"))?;
+            if let Some(status) = status {
                 self.status = Some(status);
                 std::thread::sleep(Duration::from_millis(100));
-                return status;
+                return Ok(status);
             }
             if Instant::now() >= deadline {
-                panic!(
+                return Err(format!(
                     "chapeau still running after {timeout:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
                     self.stdout(),
                     self.stderr()
-                );
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -10,7 +10,8 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::tap::Tap;
-use super::{tap_offloads, Shared};
+use super::{tap_offloads, Shared, VIRTIO_RING_F_INDIRECT_DESC};
+use crate::virtio::chain::{pop_chain, rearm};
 
 /// Entries one MAC table may hold; more make the device accept everything of that kind, as if
 /// promiscuous for it (what QEMU does past its 64).
@@ -74,9 +75,10 @@ pub(crate) fn process(queue: &mut Queue, ctx: &CtrlContext) -> bool {
     let mut used = false;
     // A queue's worth per wake: the driver waits for each answer, so there is rarely more.
     let mut budget = queue.size();
+    let indirect = ctx.acked_features & VIRTIO_RING_F_INDIRECT_DESC != 0;
     loop {
         let _ = queue.disable_notification(ctx.mem);
-        while let Some(chain) = queue.pop_descriptor_chain(ctx.mem) {
+        while let Some(chain) = pop_chain(queue, ctx.mem, indirect) {
             let head = chain.head_index();
             let len = handle(chain, ctx);
             if queue.add_used(ctx.mem, head, len).is_err() {
@@ -89,7 +91,7 @@ pub(crate) fn process(queue: &mut Queue, ctx: &CtrlContext) -> bool {
             }
         }
         // EVENT_IDX: publish where we are, or the driver would not kick for the next one.
-        if !queue.enable_notification(ctx.mem).unwrap_or(false) {
+        if !rearm(queue, ctx.mem) {
             return used;
         }
     }

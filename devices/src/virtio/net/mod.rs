@@ -246,6 +246,13 @@ impl Net {
         *self.shared.mac.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Has every queue thread serve its queues now and waits until they are done, so a fake
+    /// driver's step is over before its next one (what keeps the fuzz target reproducible).
+    #[cfg(any(test, feature = "fake-driver"))]
+    pub fn quiesce(&self) {
+        self.broadcast(|| Command::Quiesce);
+    }
+
     fn broadcast(&self, command: impl Fn() -> Command) {
         for w in &self.workers {
             w.mailbox.post(command());

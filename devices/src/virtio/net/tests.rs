@@ -458,6 +458,60 @@ fn malformed_chains_complete_empty_and_the_device_goes_on() {
     });
 }
 
+/// On-CPU time so far (ns) of this process's thread named `name`, from its schedstat.
+fn thread_run_ns(name: &str) -> u64 {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .find(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .and_then(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no thread {name}"))
+}
+
+/// Found by the fuzz target net_queue: an avail index more than a queue ahead made the
+/// control and tx loops spin forever (virtio-queue keeps saying "more" where it serves
+/// nothing), so the queue thread burnt a CPU and never answered pause or reset again.
+#[test]
+fn an_avail_index_far_ahead_does_not_spin_the_queue_thread() {
+    in_netns(|| {
+        let taps = tap_in_netns(1, 1500);
+        let f = features(&[
+            vn::VIRTIO_NET_F_MRG_RXBUF,
+            vn::VIRTIO_NET_F_CTRL_VQ,
+            vn::VIRTIO_NET_F_CTRL_RX,
+        ]);
+        let mut d = Driver::new(taps, f, 0, 0);
+        for (q, kick) in [
+            (&d.ctrl, &d.ctrl_kick),
+            (&d.tx, &d.tx_kick),
+            (&d.rx, &d.rx_kick),
+        ] {
+            q.avail().idx().store(u16::to_le(1000));
+            kick.write(1).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let start = Instant::now();
+        d.net.pause();
+        let answered = start.elapsed();
+        if answered >= Duration::from_secs(2) {
+            // Dropping the device would wait for the spinning thread forever.
+            std::mem::forget(d);
+            panic!("the queue thread took {answered:?} to answer pause");
+        }
+        d.net.resume();
+        let cpu = thread_run_ns("net0-q0");
+        std::thread::sleep(Duration::from_millis(300));
+        let spent = thread_run_ns("net0-q0") - cpu;
+        assert!(
+            spent < 50_000_000,
+            "the idle queue thread ran {spent} ns in 300 ms"
+        );
+        // A reset repairs the rings.
+        assert!(d.net.reset());
+    });
+}
+
 #[test]
 fn control_queue_sets_rx_mode_mac_and_filters() {
     in_netns(|| {

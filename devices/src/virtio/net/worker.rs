@@ -24,7 +24,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::ctrl::{self, CtrlContext, RxFilter};
 use super::tap::{Tap, VNET_HDR_LEN};
 use super::vhost::{VhostNetBackend, VhostSession};
-use super::{tap_offloads, NetError, Shared};
+use super::{tap_offloads, NetError, Shared, VIRTIO_RING_F_INDIRECT_DESC};
+use crate::virtio::chain::{pop_chain, rearm};
 use crate::virtio::{ActivatedQueue, InterruptKind, ThreadConfinement, VirtioInterrupt};
 
 /// The largest frame a tap hands over with segmentation offloads on: a 64 KiB GSO packet
@@ -70,6 +71,9 @@ pub(crate) enum Command {
     Pause,
     Resume,
     Exit,
+    /// Serve every queue now, before the command counts as done (a fake driver's step).
+    #[cfg(any(test, feature = "fake-driver"))]
+    Quiesce,
 }
 
 #[derive(Default)]
@@ -261,6 +265,8 @@ struct RxState {
     filter_gen: u64,
     iov: Vec<libc::iovec>,
     bad: RateLimit,
+    /// VIRTIO_RING_F_INDIRECT_DESC was negotiated.
+    indirect: bool,
 }
 
 struct TxState {
@@ -390,24 +396,29 @@ impl Worker {
                     _ => {}
                 }
             }
-            if self.paused {
-                continue;
-            }
-            let tap = &self.taps[self.index];
-            let Some(active) = self.active.as_mut() else {
-                continue;
-            };
-            active.more = false;
-            if kick_tx {
-                active.process_tx(tap);
-            }
-            if kick_rx {
-                active.refresh_filter(&self.shared);
-                active.process_rx(tap);
-            }
-            if kick_ctrl {
-                active.process_ctrl(&self.shared, &self.taps);
-            }
+            self.serve(kick_tx, kick_rx, kick_ctrl);
+        }
+    }
+
+    /// Serves the queues that were kicked (or have work left).
+    fn serve(&mut self, tx: bool, rx: bool, ctrl: bool) {
+        if self.paused {
+            return;
+        }
+        let tap = &self.taps[self.index];
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        active.more = false;
+        if tx {
+            active.process_tx(tap);
+        }
+        if rx {
+            active.refresh_filter(&self.shared);
+            active.process_rx(tap);
+        }
+        if ctrl {
+            active.process_ctrl(&self.shared, &self.taps);
         }
     }
 
@@ -427,6 +438,8 @@ impl Worker {
                 self.paused = false;
                 self.raise_deferred_calls();
             }
+            #[cfg(any(test, feature = "fake-driver"))]
+            Command::Quiesce => self.serve(true, true, true),
         }
     }
 
@@ -522,6 +535,7 @@ impl Worker {
                     filter_gen: self.shared.filter_gen.load(Ordering::Acquire),
                     iov: Vec::new(),
                     bad: RateLimit::default(),
+                    indirect: acked_features & VIRTIO_RING_F_INDIRECT_DESC != 0,
                 });
                 active.tx = Some(TxState {
                     queue: tx.queue,
@@ -609,12 +623,13 @@ impl Active {
     /// Guest → tap: one writev per frame, header and all, straight from guest memory.
     fn process_tx(&mut self, tap: &Tap) {
         let mem = &self.mem;
+        let indirect = self.acked_features & VIRTIO_RING_F_INDIRECT_DESC != 0;
         let Some(tx) = self.tx.as_mut() else { return };
         let mut used = false;
         let mut budget = FRAMES_PER_WAKE;
         'outer: loop {
             let _ = tx.queue.disable_notification(mem);
-            while let Some(chain) = tx.queue.pop_descriptor_chain(mem) {
+            while let Some(chain) = pop_chain(&mut tx.queue, mem, indirect) {
                 let head = chain.head_index();
                 tx.iov.clear();
                 let mut valid = true;
@@ -660,7 +675,7 @@ impl Active {
                     break 'outer;
                 }
             }
-            if !tx.queue.enable_notification(mem).unwrap_or(false) {
+            if !rearm(&mut tx.queue, mem) {
                 break;
             }
         }
@@ -759,7 +774,7 @@ impl RxState {
     fn fill(&mut self, mem: &GuestMemoryMmap, need: u64) -> bool {
         let mut used = false;
         while self.spare_capacity < need {
-            let Some(chain) = self.queue.pop_descriptor_chain(mem) else {
+            let Some(chain) = pop_chain(&mut self.queue, mem, self.indirect) else {
                 break;
             };
             let head = chain.head_index();
@@ -862,7 +877,7 @@ impl RxState {
 
     /// Out of buffers: asks the driver to kick when it adds some; true if it already has.
     fn wait_for_buffers(&mut self, mem: &GuestMemoryMmap) -> bool {
-        if self.queue.enable_notification(mem).unwrap_or(false) {
+        if rearm(&mut self.queue, mem) {
             return true;
         }
         self.starved = true;

@@ -19,9 +19,8 @@ use ::tests::kata::{open_tap, pass_fd, reference_args, KataPaths, TAP_FD};
 use ::tests::netns::Netns;
 
 use super::{
-    clock_ticks_per_sec, default_guest_dir, kib_field, mm_fmt, parse_flags, parse_positive,
-    parse_systems, pvm_params, spawn_reader, workspace_root, CpuFigures, Failure, ProcStats,
-    System,
+    clock_ticks_per_sec, kib_field, mm_fmt, parse_flags, parse_positive, pvm_params, spawn_reader,
+    workspace_root, CpuFigures, Failure, GuestFlags, ProcStats, System,
 };
 
 /// Kata's `-m 2048M`: the size of the guest RAM mapping to find in smaps.
@@ -30,9 +29,7 @@ const AGENT_PING: &[u8] = b"kata-bench-ping\n";
 
 struct Options {
     runs: usize,
-    systems: Vec<System>,
-    guest_dir: PathBuf,
-    timeout: Duration,
+    guest: GuestFlags,
 }
 
 struct KataRun {
@@ -47,26 +44,19 @@ struct KataRun {
 pub(crate) fn run(args: &[String]) -> Result<(), Failure> {
     let mut opts = Options {
         runs: 1,
-        systems: vec![System::Chapeau, System::QemuPc],
-        guest_dir: default_guest_dir(),
-        timeout: Duration::from_secs(900),
+        guest: GuestFlags::new(System::QemuPc),
     };
-    parse_flags(args, |flag, value| {
-        match flag {
-            "--runs" => opts.runs = parse_positive(flag, &value()?)?,
-            "--timeout" => opts.timeout = Duration::from_secs(parse_positive(flag, &value()?)?),
-            "--guest-dir" => opts.guest_dir = PathBuf::from(value()?),
-            "--systems" => {
-                opts.systems = parse_systems(&value()?, &[System::Chapeau, System::QemuPc])?
-            }
-            _ => return Ok(false),
+    parse_flags(args, |flag, value| match flag {
+        "--runs" => {
+            opts.runs = parse_positive(flag, &value()?)?;
+            Ok(true)
         }
-        Ok(true)
+        _ => opts.guest.apply(flag, value),
     })
     .map_err(Failure::Usage)?;
     let chapeau = super::chapeau_binary()?;
     let qemu = super::find_in_path("qemu-system-x86_64");
-    let pvm = pvm_params(&opts.guest_dir);
+    let pvm = pvm_params(&opts.guest.guest_dir);
     println!(
         "kata benchmark: Kata's QEMU command line (2048 MiB, 1 vCPU, NVDIMM rootfs, \
          virtio-serial, 9p, net on a tap, rng), {} run(s), host {}",
@@ -78,8 +68,12 @@ pub(crate) fn run(args: &[String]) -> Result<(), Failure> {
         Some(q) => println!("qemu {} ({})", q.display(), super::qemu_version(q)),
         None => println!("qemu-system-x86_64 not found: its runs will fail"),
     }
-    let mut results: Vec<(System, Vec<KataRun>)> =
-        opts.systems.iter().map(|s| (*s, Vec::new())).collect();
+    let mut results: Vec<(System, Vec<KataRun>)> = opts
+        .guest
+        .systems
+        .iter()
+        .map(|s| (*s, Vec::new()))
+        .collect();
     let mut failed = Vec::new();
     for round in 0..opts.runs {
         for (sys, runs) in &mut results {
@@ -214,8 +208,8 @@ fn run_once(
     let _ = std::fs::remove_dir_all(&sandbox.0);
     std::fs::create_dir_all(sandbox.0.join("shared"))
         .map_err(|e| format!("{}: {e}", sandbox.0.display()))?;
-    let kernel = opts.guest_dir.join("vmlinux");
-    let image = opts.guest_dir.join("kata-rootfs.img");
+    let kernel = opts.guest.guest_dir.join("vmlinux");
+    let image = opts.guest.guest_dir.join("kata-rootfs.img");
     let mut args = reference_args(&KataPaths {
         sandbox: &sandbox.0,
         kernel: &kernel,
@@ -278,7 +272,7 @@ fn run_once(
         .map_err(|e| format!("console socket: {e}"))?;
     let console_tail = spawn_reader(console, |_| {});
 
-    let answered = agent_answer(&sandbox.0.join("kata.sock"), opts.timeout);
+    let answered = agent_answer(&sandbox.0.join("kata.sock"), opts.guest.timeout);
     let agent_s = started.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     let _ = sampler.join();

@@ -13,8 +13,13 @@
 //!   under QEMU: time to the daemon being ready and to the agent port answering, RSS and CPU.
 //! - `bench net` drives the real virtio-net in-process between a fake driver and a tap in a
 //!   private network namespace: frames/s, MB/s and queue-thread CPU per MiB each way.
+//! - `bench net-guest` runs TCP through the test guest's virtio-net under chapeau and QEMU
+//!   (virtio-net-pci, vhost off) on taps in a private namespace: MB/s each way, round-trip
+//!   latency and VMM CPU time, with chapeau/QEMU ratios.
 //! - `bench p9` drives the real virtio-9p device in-process from a fake driver: sequential
 //!   write and read MB/s and small files created, stat'ed and unlinked per second.
+//! - `bench p9-guest` has the test guest do the same on a 9p mount (as Kata mounts it) under
+//!   chapeau and QEMU (virtio-9p-pci, `-fsdev local`), on the same directory, with ratios.
 //! - `bench port` boots the guest with `test=echo-port` under chapeau and QEMU (virtio-serial),
 //!   pushes N MiB through the named port `agent.channel.0` and back, and reports round-trip MB/s,
 //!   VMM CPU time during the transfer, and the PCI configuration space accesses of each boot.
@@ -31,9 +36,12 @@ use std::thread::JoinHandle;
 
 mod boot;
 mod datapath;
+mod guest;
 mod kata;
 mod net;
+mod net_guest;
 mod p9;
+mod p9_guest;
 mod pmem;
 mod port;
 mod startup;
@@ -44,7 +52,9 @@ const USAGE: &str = "usage: bench boot [--runs N] [--cpus N] [--memory MIB] \
        bench datapath [--mib N] [--runs N]
        bench kata [--runs N] [--systems chapeau,qemu-pc] [--guest-dir DIR] [--timeout S]
        bench net [--mib N] [--runs N]
+       bench net-guest [--mib N] [--round-trips N] [--systems chapeau,qemu-microvm] [--guest-dir DIR] [--timeout S]
        bench p9 [--mib N] [--files N] [--depth N]
+       bench p9-guest [--mib N] [--files N] [--systems chapeau,qemu-microvm] [--guest-dir DIR] [--timeout S]
        bench port [--mib N] [--systems chapeau,qemu-microvm] [--guest-dir DIR] [--timeout S]
        bench pmem [--image-mib N] [--data-mib N] [--systems chapeau,qemu-pc] [--guest-dir DIR] [--timeout S]";
 
@@ -134,6 +144,41 @@ fn parse_systems(list: &str, allowed: &[System]) -> Result<Vec<System>, String> 
         return Err("--systems is empty".into());
     }
     Ok(systems)
+}
+
+/// The flags of the benchmarks that boot the guest under chapeau and one QEMU: `--systems`
+/// (of those two), `--guest-dir` and `--timeout` (seconds a boot may take).
+struct GuestFlags {
+    systems: Vec<System>,
+    /// The QEMU machine that may run beside chapeau.
+    peer: System,
+    guest_dir: PathBuf,
+    timeout: std::time::Duration,
+}
+
+impl GuestFlags {
+    /// chapeau and `qemu`, the tests' guest, 900 s.
+    fn new(qemu: System) -> Self {
+        GuestFlags {
+            systems: vec![System::Chapeau, qemu],
+            peer: qemu,
+            guest_dir: default_guest_dir(),
+            timeout: std::time::Duration::from_secs(900),
+        }
+    }
+
+    /// Takes `flag` if it is one of these; whether it was.
+    fn apply(&mut self, flag: &str, value: FlagValue) -> Result<bool, String> {
+        match flag {
+            "--timeout" => {
+                self.timeout = std::time::Duration::from_secs(parse_positive(flag, &value()?)?)
+            }
+            "--guest-dir" => self.guest_dir = PathBuf::from(value()?),
+            "--systems" => self.systems = parse_systems(&value()?, &[System::Chapeau, self.peer])?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
 }
 
 /// `--guest-dir`'s default: the integration tests' guest (CHAPEAU_GUEST_DIR, else our own
@@ -512,6 +557,15 @@ fn command_for(sys: System, setup: &Setup, cpus: u32, memory_mib: u64) -> Result
     }
 }
 
+/// `program arg arg ...`, as printed before a run.
+fn command_line(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn last_line(tail: &[String]) -> String {
     tail.last()
         .map(|l| l.chars().take(160).collect())
@@ -618,6 +672,22 @@ fn chapeau_binary() -> Result<PathBuf, String> {
         ));
     }
     Ok(bin)
+}
+
+/// Runs a build tool to its end; its stderr says why when it fails.
+fn run_tool(cmd: &mut Command) -> Result<(), String> {
+    let program = cmd.get_program().to_string_lossy().to_string();
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{program} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
 }
 
 fn find_in_path(name: &str) -> Option<PathBuf> {
@@ -732,7 +802,9 @@ fn main() -> ExitCode {
         "datapath" => datapath::run(rest),
         "kata" => kata::run(rest),
         "net" => net::run(rest),
+        "net-guest" => net_guest::run(rest),
         "p9" => p9::run(rest),
+        "p9-guest" => p9_guest::run(rest),
         "port" => port::run(rest),
         "pmem" => pmem::run(rest),
         "" => Err(Failure::Usage("missing benchmark name".into())),

@@ -28,9 +28,7 @@ const MEMORY_MIB: u64 = 256;
 struct Options {
     image_mib: u64,
     data_mib: u64,
-    systems: Vec<System>,
-    guest_dir: PathBuf,
-    timeout: Duration,
+    guest: GuestFlags,
 }
 
 /// What one boot showed.
@@ -47,20 +45,14 @@ pub(crate) fn run(args: &[String]) -> Result<(), Failure> {
     let mut opts = Options {
         image_mib: 512,
         data_mib: 32,
-        systems: vec![System::Chapeau, System::QemuPc],
-        guest_dir: default_guest_dir(),
-        timeout: Duration::from_secs(1200),
+        guest: GuestFlags::new(System::QemuPc),
     };
+    opts.guest.timeout = Duration::from_secs(1200);
     parse_flags(args, |flag, value| {
         match flag {
             "--image-mib" => opts.image_mib = parse_positive(flag, &value()?)?,
             "--data-mib" => opts.data_mib = parse_positive(flag, &value()?)?,
-            "--timeout" => opts.timeout = Duration::from_secs(parse_positive(flag, &value()?)?),
-            "--guest-dir" => opts.guest_dir = PathBuf::from(value()?),
-            "--systems" => {
-                opts.systems = parse_systems(&value()?, &[System::Chapeau, System::QemuPc])?
-            }
-            _ => return Ok(false),
+            _ => return opts.guest.apply(flag, value),
         }
         Ok(true)
     })
@@ -72,7 +64,12 @@ pub(crate) fn run(args: &[String]) -> Result<(), Failure> {
     }
     let image = bench_image(opts.image_mib, opts.data_mib)?;
     let cmdline = format!("console=ttyS0 reboot=k panic=1 {KATA_ROOT} test=mmap-read");
-    let setup = prepare(&opts.guest_dir, &opts.systems, &cmdline, "microvm")?;
+    let setup = prepare(
+        &opts.guest.guest_dir,
+        &opts.guest.systems,
+        &cmdline,
+        "microvm",
+    )?;
     println!(
         "pmem benchmark: {} MiB image {} as a read-only NVDIMM, {} MiB read through mmap, \
          1 vCPU, {MEMORY_MIB} MiB RAM, host {}",
@@ -81,23 +78,26 @@ pub(crate) fn run(args: &[String]) -> Result<(), Failure> {
         opts.data_mib,
         if setup.pvm_host { "PVM" } else { "KVM" }
     );
-    print_setup(&setup, &opts.systems);
+    print_setup(&setup, &opts.guest.systems);
 
     let mut rows = Vec::new();
-    for sys in &opts.systems {
+    for sys in &opts.guest.systems {
         let cmd = pmem_command(*sys, &setup, &image, opts.image_mib)?;
-        let outcome = watch(cmd, &[READ_MARKER], opts.timeout);
+        let outcome = watch(cmd, &[READ_MARKER], opts.guest.timeout);
         rows.push((format!("{} (pmem root)", sys.name()), outcome));
     }
-    if opts.systems.contains(&System::Chapeau) {
+    if opts.guest.systems.contains(&System::Chapeau) {
         let initramfs_boot = prepare(
-            &opts.guest_dir,
+            &opts.guest.guest_dir,
             &[System::Chapeau],
             "console=ttyS0 reboot=k panic=1 test=poweroff",
             "microvm",
         )?;
         let cmd = command_for(System::Chapeau, &initramfs_boot, 1, MEMORY_MIB)?;
-        rows.push(("chapeau (initramfs)".into(), watch(cmd, &[], opts.timeout)));
+        rows.push((
+            "chapeau (initramfs)".into(),
+            watch(cmd, &[], opts.guest.timeout),
+        ));
     }
 
     println!();
@@ -304,19 +304,4 @@ fn bench_image(image_mib: u64, data_mib: u64) -> Result<PathBuf, String> {
     std::fs::rename(&partial, &image).map_err(|e| format!("{}: {e}", image.display()))?;
     let _ = std::fs::remove_file(&data);
     Ok(image)
-}
-
-fn run_tool(cmd: &mut Command) -> Result<(), String> {
-    let program = cmd.get_program().to_string_lossy().to_string();
-    let out = cmd
-        .output()
-        .map_err(|e| format!("cannot run {program}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{program} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
 }

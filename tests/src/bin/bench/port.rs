@@ -30,9 +30,7 @@ const QEMU_ECAM_REGION: &str = "pcie-mmcfg-mmio";
 
 struct Options {
     mib: u64,
-    systems: Vec<System>,
-    guest_dir: PathBuf,
-    timeout: Duration,
+    guest: GuestFlags,
 }
 
 struct PortResult {
@@ -50,37 +48,35 @@ struct PortResult {
 pub(crate) fn run(args: &[String]) -> Result<(), Failure> {
     let mut opts = Options {
         mib: 16,
-        systems: vec![System::Chapeau, System::QemuMicrovm],
-        guest_dir: default_guest_dir(),
-        timeout: Duration::from_secs(900),
+        guest: GuestFlags::new(System::QemuMicrovm),
     };
     parse_flags(args, |flag, value| {
         match flag {
             "--mib" => opts.mib = parse_positive(flag, &value()?)?,
-            "--timeout" => opts.timeout = Duration::from_secs(parse_positive(flag, &value()?)?),
-            "--guest-dir" => opts.guest_dir = PathBuf::from(value()?),
-            "--systems" => {
-                opts.systems = parse_systems(&value()?, &[System::Chapeau, System::QemuMicrovm])?
-            }
-            _ => return Ok(false),
+            _ => return opts.guest.apply(flag, value),
         }
         Ok(true)
     })
     .map_err(Failure::Usage)?;
     // microvm has PCI only with its PCIe host (GPEX, ECAM); chapeau's devices are on PCI too.
-    let setup = prepare(&opts.guest_dir, &opts.systems, CMDLINE, "microvm,pcie=on")?;
+    let setup = prepare(
+        &opts.guest.guest_dir,
+        &opts.guest.systems,
+        CMDLINE,
+        "microvm,pcie=on",
+    )?;
 
     println!(
         "port benchmark: {} MiB through {PORT_NAME} and back, 1 vCPU, {MEMORY_MIB} MiB, boot \
          timeout {} s, host {}",
         opts.mib,
-        opts.timeout.as_secs(),
+        opts.guest.timeout.as_secs(),
         if setup.pvm_host { "PVM" } else { "KVM" }
     );
-    print_setup(&setup, &opts.systems);
+    print_setup(&setup, &opts.guest.systems);
 
     let mut results = Vec::new();
-    for sys in &opts.systems {
+    for sys in &opts.guest.systems {
         match run_once(*sys, &setup, &opts) {
             Ok(r) => results.push((*sys, Ok(r))),
             Err(e) => {
@@ -204,15 +200,7 @@ fn run_once(sys: System, setup: &Setup, opts: &Options) -> Result<PortResult, St
              would miss the probes of absent devices)"
         }
     };
-    println!(
-        "{}: {} {}",
-        sys.name(),
-        cmd.get_program().to_string_lossy(),
-        cmd.get_args()
-            .map(|a| a.to_string_lossy())
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    println!("{}: {}", sys.name(), command_line(&cmd));
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -257,12 +245,12 @@ fn run_once(sys: System, setup: &Setup, opts: &Options) -> Result<PortResult, St
                 last_line(&tail)
             ));
         }
-        if t0.elapsed() > opts.timeout {
+        if t0.elapsed() > opts.guest.timeout {
             drop(child);
             let tail = out_reader.join().unwrap_or_default();
             return Err(format!(
                 "no {ACTION_MARKER} after {} s; last console line: {}",
-                opts.timeout.as_secs(),
+                opts.guest.timeout.as_secs(),
                 last_line(&tail)
             ));
         }
