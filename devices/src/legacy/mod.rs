@@ -10,4 +10,4 @@ pub use acpi_ged::{AcpiGed, ACPI_GED_EVENT_POWER_BUTTON, ACPI_GED_LEN};
 pub use acpi_power::AcpiPowerDevice;
 pub use i8042::{I8042Error, I8042};
 pub use serial::{EventFdTrigger, Serial};
-pub use serial_output::{OutputLimits, SerialOutput};
+pub use serial_output::{OutputBudget, OutputLimits, SerialOutput};

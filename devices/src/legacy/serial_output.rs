@@ -78,17 +78,65 @@ impl ByteBucket {
     }
 }
 
+/// What a `file=` output may still take: its size cap over the VM's life and its rate.
+/// Shared by the serial port and virtio-console's port 0.
+pub struct OutputBudget {
+    /// Names the output in the one line said when the cap is reached.
+    what: &'static str,
+    cap: Option<u64>,
+    /// Bytes accepted so far (what the cap counts).
+    accepted: u64,
+    rate: Option<ByteBucket>,
+    cap_reached: bool,
+}
+
+impl OutputBudget {
+    pub fn new(what: &'static str, limits: OutputLimits) -> Self {
+        Self {
+            what,
+            cap: limits.cap,
+            accepted: 0,
+            rate: limits
+                .rate
+                .map(|(rate, burst)| ByteBucket::new(rate, burst)),
+            cap_reached: false,
+        }
+    }
+
+    /// How many of `want` bytes may go out now; they count as accepted.
+    pub fn admit(&mut self, want: usize) -> usize {
+        let mut allowed = want;
+        if let Some(cap) = self.cap {
+            let left = usize::try_from(cap.saturating_sub(self.accepted)).unwrap_or(usize::MAX);
+            if left < want && !self.cap_reached {
+                self.cap_reached = true;
+                log::warn!(
+                    "{} reached its cap of {cap} bytes; later output is dropped",
+                    self.what
+                );
+            }
+            allowed = allowed.min(left);
+        }
+        if let Some(bucket) = self.rate.as_mut() {
+            let got = bucket.take(allowed as u64);
+            allowed = usize::try_from(got).unwrap_or(allowed);
+        }
+        self.accepted = self.accepted.saturating_add(allowed as u64);
+        allowed
+    }
+
+    pub fn cap_reached(&self) -> bool {
+        self.cap_reached
+    }
+}
+
 /// The serial device's output: give it to `Serial::new` as its writer.
 pub struct SerialOutput {
     file: File,
     pending: VecDeque<u8>,
-    cap: Option<u64>,
-    /// Bytes accepted for output so far (what the cap counts).
-    accepted: u64,
-    rate: Option<ByteBucket>,
+    budget: OutputBudget,
     dropped: u64,
     drops: RateLimit,
-    cap_reached: bool,
     /// Writing failed (other than would-block): output is dropped from now on.
     failed: bool,
 }
@@ -109,14 +157,9 @@ impl SerialOutput {
         Self {
             file,
             pending: VecDeque::new(),
-            cap: limits.cap,
-            accepted: 0,
-            rate: limits
-                .rate
-                .map(|(rate, burst)| ByteBucket::new(rate, burst)),
+            budget: OutputBudget::new("serial output", limits),
             dropped: 0,
             drops: RateLimit::default(),
-            cap_reached: false,
             failed: false,
         }
     }
@@ -154,22 +197,10 @@ impl SerialOutput {
         self.pending.clear();
     }
 
-    /// How many of `want` bytes the limits let through now.
+    /// How many of `want` bytes the buffer and the limits let through now.
     fn admit(&mut self, want: usize) -> usize {
-        let mut allowed = want.min(PENDING_LIMIT.saturating_sub(self.pending.len()));
-        if let Some(cap) = self.cap {
-            let left = usize::try_from(cap.saturating_sub(self.accepted)).unwrap_or(usize::MAX);
-            if left < want && !self.cap_reached {
-                self.cap_reached = true;
-                log::warn!("serial output reached its cap of {cap} bytes; later output is dropped");
-            }
-            allowed = allowed.min(left);
-        }
-        if let Some(bucket) = self.rate.as_mut() {
-            let got = bucket.take(allowed as u64);
-            allowed = usize::try_from(got).unwrap_or(allowed);
-        }
-        allowed
+        let room = want.min(PENDING_LIMIT.saturating_sub(self.pending.len()));
+        self.budget.admit(room)
     }
 }
 
@@ -184,11 +215,10 @@ impl Write for SerialOutput {
             self.admit(buf.len())
         };
         self.pending.extend(&buf[..allowed]);
-        self.accepted = self.accepted.saturating_add(allowed as u64);
         let lost = (buf.len() - allowed) as u64;
         if lost > 0 {
             self.dropped = self.dropped.saturating_add(lost);
-            if !self.failed && !self.cap_reached {
+            if !self.failed && !self.budget.cap_reached() {
                 if let Some(n) = self.drops.hit() {
                     log::info!(
                         "serial output faster than its reader or rate limit: {} bytes dropped so far ({n} times)",

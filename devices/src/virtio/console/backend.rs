@@ -13,6 +13,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::ConsoleError;
 use crate::host_files::open_output;
+use crate::legacy::{OutputBudget, OutputLimits};
 use crate::unix_socket::{bind_unix_listener, SocketError, SocketFile};
 
 /// A unix socket we listen on, and its client while one is connected.
@@ -130,6 +131,9 @@ pub(super) struct Sink {
     pub registered: bool,
     /// Output failed or cannot be polled: further output is dropped.
     pub failed: bool,
+    /// A file's cap and rate (a guest must not fill the host's disk nor hog its I/O); none
+    /// for stdout, whose reader sets the pace.
+    budget: Option<OutputBudget>,
 }
 
 impl Sink {
@@ -141,16 +145,41 @@ impl Sink {
             file,
             registered: false,
             failed: false,
+            budget: None,
         })
     }
 
-    /// Creates `path`, or truncates it if it is ours; see [`open_output`].
+    /// Creates `path`, or truncates it if it is ours; see [`open_output`]. Capped and
+    /// rate-limited as the serial port's `file=` ([`OutputLimits::FILE`]).
     pub fn file(path: &Path) -> Result<Self, ConsoleError> {
+        Self::file_with(path, OutputLimits::FILE)
+    }
+
+    fn file_with(path: &Path, limits: OutputLimits) -> Result<Self, ConsoleError> {
         let file = open_output("console output", path)?;
         Ok(Sink {
             file,
             registered: false,
             failed: false,
+            budget: Some(OutputBudget::new("console output", limits)),
+        })
+    }
+
+    /// Writes what the budget admits of `data`; the rest counts as written (dropped), so
+    /// the guest's output never waits on a limit.
+    pub fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let allowed = self
+            .budget
+            .as_mut()
+            .map_or(data.len(), |budget| budget.admit(data.len()));
+        if allowed == 0 {
+            return Ok(data.len());
+        }
+        let written = self.file.write(&data[..allowed])?;
+        Ok(if written == allowed {
+            data.len()
+        } else {
+            written
         })
     }
 }
@@ -191,7 +220,29 @@ pub(super) fn flush_with(
     Ok(Flush::Done)
 }
 
-/// `Write::write` for the sink file (a helper so callers can borrow the buffer separately).
-pub(super) fn write_file(file: &mut File, data: &[u8]) -> io::Result<usize> {
-    file.write(data)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The console's `file=` output stops at its cap like the serial port's, and what is
+    /// dropped still counts as written (the guest's output never waits on the limit).
+    #[test]
+    fn a_console_file_stops_at_its_cap() {
+        let path = std::env::temp_dir().join(format!("console-cap-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let limits = OutputLimits {
+            cap: Some(1000),
+            rate: None,
+        };
+        let mut sink = Sink::file_with(&path, limits).unwrap();
+        let mut out: VecDeque<u8> = std::iter::repeat_n(b'c', 5000).collect();
+        assert_eq!(
+            flush_with(&mut out, |d| sink.write(d)).unwrap(),
+            Flush::Done
+        );
+        assert!(out.is_empty());
+        let size = std::fs::metadata(&path).unwrap().len();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(size, 1000);
+    }
 }

@@ -647,8 +647,7 @@ impl Console {
                     out.clear();
                     return;
                 }
-                if let Err(e) = backend::flush_with(out, |d| backend::write_file(&mut sink.file, d))
-                {
+                if let Err(e) = backend::flush_with(out, |d| sink.write(d)) {
                     log::warn!(
                         "virtio-console: console output failed, dropping it from now on: {e}"
                     );
