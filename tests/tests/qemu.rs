@@ -109,16 +109,25 @@ impl Console {
     }
 }
 
-/// The thread id of `pid`'s vCPU 0, from /proc.
+/// The thread id of `pid`'s vCPU 0, from /proc. A new thread names itself once it runs, a
+/// moment after it exists: wait for the name.
 fn vcpu0_thread(pid: u32) -> String {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .map(|task| task.unwrap().path())
-        .find(|task| {
-            std::fs::read_to_string(task.join("comm")).is_ok_and(|comm| comm.trim() == "vcpu0")
-        })
-        .and_then(|task| Some(task.file_name()?.to_str()?.to_string()))
-        .expect("a vcpu0 thread")
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+            .map(|task| task.path())
+            .find(|task| {
+                std::fs::read_to_string(task.join("comm")).is_ok_and(|comm| comm.trim() == "vcpu0")
+            })
+            .and_then(|task| Some(task.file_name()?.to_str()?.to_string()));
+        if let Some(tid) = found {
+            return tid;
+        }
+        assert!(Instant::now() < deadline, "no vcpu0 thread in {pid}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Checks the `key=value` lines a QMP client printed; its `thread=` must be `vcpu0_tid`.

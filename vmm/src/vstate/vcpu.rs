@@ -176,6 +176,13 @@ impl Vcpus {
             )?;
             started.threads.push(thread);
         }
+        // Kata reads the vCPU thread ids (QMP query-cpus-fast) as soon as the VM has started,
+        // to put them in the sandbox's cgroup: wait until every thread has recorded its own
+        // (and so has its name: std names a thread before running its closure).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while started.thread_ids().contains(&0) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
         Ok(started)
     }
 
