@@ -22,6 +22,8 @@ use std::sync::Mutex;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostFileError {
+    #[error("{what} {} is locked by another process (another instance running?)", path.display())]
+    Locked { what: &'static str, path: PathBuf },
     #[error("cannot open {what} {}: {source}", path.display())]
     Open {
         what: &'static str,
@@ -163,6 +165,28 @@ pub fn open_append(path: &Path) -> io::Result<File> {
 /// symlink is refused; a regular file is truncated only if it has one name and is ours; a
 /// character device is accepted untouched; anything else is refused. Non-blocking.
 pub fn open_output(what: &'static str, path: &Path) -> Result<File, HostFileError> {
+    let file = open_output_untruncated(what, path)?;
+    // A character device (/dev/null, a terminal) is written to, never truncated.
+    if is_regular(&file) {
+        truncate(what, path, &file)?;
+    }
+    Ok(file)
+}
+
+fn is_regular(file: &File) -> bool {
+    file.metadata().is_ok_and(|m| m.file_type().is_file())
+}
+
+fn truncate(what: &'static str, path: &Path, file: &File) -> Result<(), HostFileError> {
+    file.set_len(0).map_err(|source| HostFileError::Truncate {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// [`open_output`] without the truncation, for a caller that must first lock the file.
+fn open_output_untruncated(what: &'static str, path: &Path) -> Result<File, HostFileError> {
     let path_buf = || path.to_path_buf();
     let file = OpenOptions::new()
         .write(true)
@@ -226,11 +250,6 @@ pub fn open_output(what: &'static str, path: &Path) -> Result<File, HostFileErro
             ours,
         });
     }
-    file.set_len(0).map_err(|source| HostFileError::Truncate {
-        what,
-        path: path_buf(),
-        source,
-    })?;
     Ok(file)
 }
 
@@ -343,25 +362,33 @@ pub struct PidFile {
     _file: File,
 }
 
-/// Writes this process's pid to `path` (mode 0644, as QEMU's), never through a symlink, after
-/// taking the file's lock: a file another running process holds is left untouched.
-pub fn create_pid_file(path: &Path) -> io::Result<PidFile> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .mode(0o644)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)?;
-    if !file.metadata()?.file_type().is_file() {
-        return Err(io::Error::other("not a regular file"));
+/// Writes this process's pid to `path`, opened as every output file is ([`open_output`]: no
+/// symlink followed, no FIFO waited on, only a file of ours with one link), and locked before
+/// it is truncated: a file another running process holds is left untouched.
+pub fn create_pid_file(path: &Path) -> Result<PidFile, HostFileError> {
+    const WHAT: &str = "PID file";
+    let mut file = open_output_untruncated(WHAT, path)?;
+    if !is_regular(&file) {
+        return Err(HostFileError::WrongKind {
+            what: WHAT,
+            path: path.to_path_buf(),
+            found: "a device",
+            expected: "a regular file",
+        });
     }
     // SAFETY: flock on a descriptor we own; no memory is passed.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = io::Error::last_os_error();
-        return Err(io::Error::new(e.kind(), format!("cannot lock it: {e}")));
+        return Err(HostFileError::Locked {
+            what: WHAT,
+            path: path.to_path_buf(),
+        });
     }
-    file.set_len(0)?;
-    writeln!(file, "{}", std::process::id())?;
+    truncate(WHAT, path, &file)?;
+    writeln!(file, "{}", std::process::id()).map_err(|source| HostFileError::Open {
+        what: WHAT,
+        path: path.to_path_buf(),
+        source,
+    })?;
     Ok(PidFile {
         _created: CreatedFile::track(path),
         _file: file,
@@ -389,6 +416,32 @@ mod tests {
 
     fn err(result: Result<File, HostFileError>) -> String {
         result.expect_err("accepted").to_string()
+    }
+
+    #[test]
+    fn a_pid_file_is_locked_refuses_what_is_not_ours_and_goes_away() {
+        let path = scratch("pid");
+        let held = create_pid_file(&path).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            format!("{}\n", std::process::id())
+        );
+        // A second instance stops at the lock and leaves the file as it was.
+        let second = create_pid_file(&path).unwrap_err().to_string();
+        assert!(second.contains("is locked by another process"), "{second}");
+        assert!(!std::fs::read_to_string(&path).unwrap().is_empty());
+        drop(held);
+        assert!(!path.exists());
+        // Neither a FIFO (waited on forever by a blocking open) nor a symlink is taken.
+        let fifo = scratch("pid-fifo");
+        mkfifo(&fifo);
+        assert!(create_pid_file(&fifo).is_err());
+        let link = scratch("pid-link");
+        std::os::unix::fs::symlink(&fifo, &link).unwrap();
+        let refused = create_pid_file(&link).unwrap_err().to_string();
+        assert!(refused.contains("symbolic link"), "{refused}");
+        let _ = std::fs::remove_file(&fifo);
+        let _ = std::fs::remove_file(&link);
     }
 
     #[test]

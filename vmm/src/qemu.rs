@@ -117,7 +117,7 @@ fn start(invocation: QemuInvocation) -> Result<Started, String> {
         .as_deref()
         .map(create_pid_file)
         .transpose()
-        .map_err(|e| format!("cannot create PID file: {e}"))?;
+        .map_err(|e| e.to_string())?;
     let id = name.unwrap_or_else(|| "chapeau".into());
     let mut vmm = Vmm::new(id, PendingConfig::from_config(config)).map_err(|e| e.to_string())?;
     // Kata cannot work without QMP; QEMU itself would run on, but no one could stop it.

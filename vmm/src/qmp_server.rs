@@ -2,7 +2,7 @@
 //! a listening socket it inherited), forwarding each command to the runtime, and tells every
 //! client how the VM ended.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::thread::JoinHandle;
 
@@ -103,7 +103,6 @@ fn inherited_listener(fd: RawFd) -> Result<UnixListener, QmpThreadError> {
             // SAFETY: `fd` is an open socket nothing else in this process owns: it was
             // inherited for this use alone, and is taken once.
             let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-            debug_assert_eq!(owned.as_raw_fd(), fd);
             Ok(UnixListener::from(owned))
         }
         (Some(libc::AF_UNIX), _) => Err(refuse("the unix socket is not listening")),
