@@ -17,7 +17,8 @@ use vm_memory::GuestMemoryMmap;
 use super::chain::pop_chain;
 use super::single_queue::{single_queue_subscriber, SingleQueue};
 use super::{
-    ActivateError, ActivatedQueue, VirtioDevice, VirtioInterrupt, TYPE_PMEM, VIRTIO_F_VERSION_1,
+    ActivateError, ActivatedQueue, DeviceCounters, VirtioDevice, VirtioInterrupt, TYPE_PMEM,
+    VIRTIO_F_VERSION_1,
 };
 use crate::rate_limit::RateLimit;
 
@@ -167,7 +168,7 @@ impl Pmem {
         let exhausted = served == MAX_REQUESTS_PER_WAKE && active.has_more();
         if exhausted {
             // Come back on the next turn of the loop for the rest.
-            let _ = active.notify.write(1);
+            let _ = active.notify.rewake();
         }
         exhausted
     }
@@ -213,17 +214,29 @@ impl VirtioDevice for Pmem {
         self.queue.reset();
         true
     }
+
+    fn counters(&self) -> DeviceCounters {
+        DeviceCounters {
+            counters: vec![
+                ("flushes", self.flushes),
+                ("syncs", self.syncs),
+                ("flush_errors", self.flush_errors.count()),
+                ("bad_requests", self.bad_requests),
+            ],
+            ports: Vec::new(),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::virtio::test_util::{desc, used, CountingInterrupt};
+    use crate::virtio::QueueNotify;
     use std::sync::atomic::Ordering;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
-    use vmm_sys_util::eventfd::EventFd;
 
     const MEM_SIZE: u64 = 4 << 20;
     const REQ: u64 = 0x10_0000;
@@ -251,7 +264,7 @@ mod tests {
             interrupt.clone(),
             vec![ActivatedQueue {
                 queue: mock.create_queue().unwrap(),
-                notify: Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
+                notify: Arc::new(QueueNotify::new().unwrap()),
             }],
         )
         .unwrap();

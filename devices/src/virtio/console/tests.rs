@@ -54,7 +54,7 @@ fn slot_addr(q: usize, slot: u16) -> u64 {
 struct Driver<'a> {
     mem: &'a GuestMemoryMmap,
     count: usize,
-    kicks: Vec<Arc<EventFd>>,
+    kicks: Vec<Arc<QueueNotify>>,
     /// Free descriptor indices per queue.
     free: Vec<Vec<u16>>,
     /// Descriptors of each posted chain, by (queue, head), freed when the chain is used.
@@ -88,7 +88,7 @@ impl<'a> Driver<'a> {
         self.kicks.clear();
         (0..self.count)
             .map(|q| {
-                let notify = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+                let notify = Arc::new(QueueNotify::new().unwrap());
                 self.kicks.push(notify.clone());
                 let (desc, avail, used) = ring_addrs(q);
                 let mut queue = Queue::new(QUEUE_LEN).unwrap();
