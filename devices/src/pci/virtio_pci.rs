@@ -949,8 +949,12 @@ mod tests {
             .unwrap()
             .contains(&(26, 0xfee0_0000, 0x32)));
         // A kick that reaches us is forwarded to the queue's eventfd.
+        let counters = pci.counters();
+        assert_eq!(counters.counters(), [("kicks", 0), ("interrupts", 2)]);
         w(pci, NOTIFY_OFFSET + 4, 2, 1);
         assert_eq!(rig.dev.lock().unwrap().queues[1].notify.read().unwrap(), 1);
+        // The metrics count the kick the device read, and the two interrupts above.
+        assert_eq!(counters.counters(), [("kicks", 1), ("interrupts", 2)]);
 
         // Reset: device reset, queues and vectors back to defaults.
         w(pci, 0x14, 1, 0);

@@ -346,6 +346,7 @@ mod tests {
             .collect();
         assert_eq!(results, vec![(0, 0), (1, 0), (3, 0), (5, 0), (7, 0)]);
         assert_eq!(pmem.bad_requests(), 5);
+        assert_eq!(pmem.counters().counters[3], ("bad_requests", 5));
     }
 
     #[test]
@@ -383,6 +384,15 @@ mod tests {
         assert_eq!(mock.used().idx().load(), 64);
         assert_eq!(pmem.flushes(), 64);
         assert_eq!(pmem.syncs(), 1, "one fdatasync answers the 64 requests");
+        assert_eq!(
+            pmem.counters().counters,
+            [
+                ("flushes", 64),
+                ("syncs", 1),
+                ("flush_errors", 0),
+                ("bad_requests", 0)
+            ]
+        );
         for i in 0..64 {
             assert_eq!(used(&mock, i), (2 * i as u32, 4));
             let status = mem.read_obj::<u32>(GuestAddress(RESP + 4 * u64::from(i)));

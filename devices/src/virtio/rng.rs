@@ -402,9 +402,22 @@ mod tests {
         let (mut rng, _) = rng_with(&mem, &mock, &descs);
         assert!(rng.process_queue(), "2 MiB asked, 1 MiB per wake");
         assert_eq!(mock.used().idx().load(), 16);
-        assert_eq!(rng.queue.active_mut().unwrap().notify.read().unwrap(), 1);
+        let notify = rng.queue.active_mut().unwrap().notify.clone();
+        assert_eq!(notify.read().unwrap(), 1);
+        assert_eq!(
+            notify.kicks(),
+            0,
+            "the device's own wake-up is not a guest kick"
+        );
         assert!(!rng.process_queue());
         assert_eq!(mock.used().idx().load(), 32);
+        assert_eq!(
+            rng.counters().counters,
+            [
+                ("bytes_served", 32 * u64::from(MAX_BYTES_PER_CHAIN)),
+                ("read_errors", 0)
+            ]
+        );
     }
 
     #[test]
@@ -439,6 +452,11 @@ mod tests {
         manager.run_with_timeout(1000).unwrap();
         assert_eq!(mock.used().idx().load(), 2);
         assert_eq!(interrupt.0.load(Ordering::SeqCst), 2);
+        assert_eq!(notify.kicks(), 1, "the kick is counted");
+        assert_eq!(
+            rng.lock().unwrap().counters().counters[0],
+            ("bytes_served", 64)
+        );
         // Reset: the queue's eventfd stays watched; a later kick is read and does nothing.
         assert!(rng.lock().unwrap().reset());
         mock.add_desc_chains(&[desc(DATA, 32, VRING_DESC_F_WRITE, 0)], 2)
@@ -447,6 +465,11 @@ mod tests {
         manager.run_with_timeout(1000).unwrap();
         assert_eq!(mock.used().idx().load(), 2);
         assert_eq!(rng.lock().unwrap().queue.watched_count(), 1);
+        assert_eq!(
+            notify.kicks(),
+            2,
+            "a kick after reset is still one the guest sent"
+        );
         assert_eq!(
             manager.run_with_timeout(100).unwrap(),
             0,

@@ -178,14 +178,23 @@ struct Port {
     stats: PortStats,
 }
 
+impl PortStats {
+    /// A guest→host chain is done with, `unsent` of its bytes not delivered.
+    fn done(&mut self, unsent: u64, error: Option<io::Error>) -> TxProgress {
+        self.from_guest = self.from_guest.saturating_add(unsent);
+        self.dropped = self.dropped.saturating_add(unsent);
+        TxProgress::Done(error)
+    }
+}
+
 /// A port's counters for the metrics (the `vmm` thread alone serves the device).
 #[derive(Debug, Default)]
 struct PortStats {
     /// Host→guest bytes put in the guest's buffers.
     to_guest: u64,
-    /// Guest→host bytes taken from the guest's buffers.
+    /// Guest→host bytes taken from the guest's buffers, delivered or not.
     from_guest: u64,
-    /// Guest→host bytes dropped: no listener, no room for a slow one, or its file's cap/rate.
+    /// Of those, bytes dropped: no listener, no room for a slow one, or its file's cap/rate.
     dropped: u64,
 }
 
@@ -1032,16 +1041,12 @@ fn send_chain(
     }
     // What is not sent when the chain is done with is dropped.
     let mut unsent = reader.available_bytes() as u64;
-    let mut done = |unsent: u64, error: Option<io::Error>| {
-        stats.dropped = stats.dropped.saturating_add(unsent);
-        TxProgress::Done(error)
-    };
     let Some(client) = client else {
-        return done(unsent, None);
+        return stats.done(unsent, None);
     };
     loop {
         let n = match reader.read(scratch) {
-            Ok(0) | Err(_) => return done(unsent, None),
+            Ok(0) | Err(_) => return stats.done(unsent, None),
             Ok(n) => n,
         };
         let mut sent = 0;
@@ -1049,7 +1054,7 @@ fn send_chain(
             match backend::send(&client.stream, &scratch[sent..n]) {
                 Ok(0) => {
                     client.write_broken = true;
-                    return done(unsent, Some(io::ErrorKind::WriteZero.into()));
+                    return stats.done(unsent, Some(io::ErrorKind::WriteZero.into()));
                 }
                 Ok(k) => {
                     sent += k;
@@ -1062,7 +1067,7 @@ fn send_chain(
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     client.write_broken = true;
-                    return done(unsent, Some(e));
+                    return stats.done(unsent, Some(e));
                 }
             }
         }

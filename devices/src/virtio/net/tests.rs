@@ -307,6 +307,17 @@ fn frames_both_ways() {
         assert_eq!(&data[10..12], &1u16.to_le_bytes(), "num_buffers");
         assert_eq!(&data[12..], &frame[..]);
         assert!(d.irq.0.load(Ordering::SeqCst) >= 2);
+        // The metrics saw both frames (the host may send the tap more: ours is at least one)
+        // and the guest's tx kick.
+        let counters = d.net.counters().counters;
+        let get = |name| counters.iter().find(|(n, _)| *n == name).unwrap().1;
+        assert_eq!((get("tx_frames"), get("tx_bytes")), (1, 200));
+        assert!(
+            get("rx_frames") >= 1 && get("rx_bytes") >= 300,
+            "{counters:?}"
+        );
+        assert_eq!((get("tx_errors"), get("tx_bad_chains")), (0, 0));
+        assert_eq!(d.tx_kick.kicks(), 1);
     });
 }
 
@@ -455,6 +466,10 @@ fn malformed_chains_complete_empty_and_the_device_goes_on() {
         assert_eq!(used(rx, 0), (0, 0));
         assert_eq!(used(rx, 1), (1, 0));
         assert_eq!(used(rx, 2), (2, 12 + 64));
+        let counters = d.net.counters().counters;
+        let get = |name| counters.iter().find(|(n, _)| *n == name).unwrap().1;
+        assert_eq!((get("tx_bad_chains"), get("tx_frames")), (4, 1));
+        assert_eq!(get("rx_bad_chains"), 2);
     });
 }
 
