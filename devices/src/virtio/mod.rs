@@ -126,6 +126,14 @@ impl AsRawFd for QueueNotify {
 /// Named counters for the metrics: `(name, value)` pairs, names in snake_case.
 pub type Counters = Vec<(&'static str, u64)>;
 
+/// Reads counters that device threads keep in relaxed atomics.
+pub fn load_counters(counters: &[(&'static str, &AtomicU64)]) -> Counters {
+    counters
+        .iter()
+        .map(|(name, counter)| (*name, counter.load(Ordering::Relaxed)))
+        .collect()
+}
+
 /// What a device reports for the metrics: its own counters, and for a device with parts that
 /// count apart (a console's ports) each part's, by name.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

@@ -150,18 +150,17 @@ impl NetStats {
     }
 
     fn counters(&self) -> Counters {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        vec![
-            ("rx_frames", get(&self.rx_frames)),
-            ("rx_bytes", get(&self.rx_bytes)),
-            ("rx_dropped", get(&self.rx_dropped)),
-            ("rx_no_buffer", get(&self.rx_no_buffer)),
-            ("rx_bad_chains", get(&self.rx_bad_chains)),
-            ("tx_frames", get(&self.tx_frames)),
-            ("tx_bytes", get(&self.tx_bytes)),
-            ("tx_errors", get(&self.tx_errors)),
-            ("tx_bad_chains", get(&self.tx_bad_chains)),
-        ]
+        super::load_counters(&[
+            ("rx_frames", &self.rx_frames),
+            ("rx_bytes", &self.rx_bytes),
+            ("rx_dropped", &self.rx_dropped),
+            ("rx_no_buffer", &self.rx_no_buffer),
+            ("rx_bad_chains", &self.rx_bad_chains),
+            ("tx_frames", &self.tx_frames),
+            ("tx_bytes", &self.tx_bytes),
+            ("tx_errors", &self.tx_errors),
+            ("tx_bad_chains", &self.tx_bad_chains),
+        ])
     }
 }
 

@@ -132,13 +132,12 @@ impl P9Stats {
     }
 
     fn counters(&self) -> Counters {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        vec![
-            ("requests", get(&self.requests)),
-            ("errors", get(&self.errors)),
-            ("bytes_read", get(&self.bytes_read)),
-            ("bytes_written", get(&self.bytes_written)),
-        ]
+        super::load_counters(&[
+            ("requests", &self.requests),
+            ("errors", &self.errors),
+            ("bytes_read", &self.bytes_read),
+            ("bytes_written", &self.bytes_written),
+        ])
     }
 }
 
