@@ -350,22 +350,12 @@ impl Worker {
             let mut kick_rx = more;
             let mut kick_tx = more;
             let mut kick_ctrl = false;
+            let mut commands = false;
             for event in &events[..n] {
                 match event.data() {
-                    TOKEN_MAILBOX => {
-                        let _ = self.mailbox.wake.read();
-                        while let Some(command) = self.mailbox.take() {
-                            let exit = matches!(command, Command::Exit);
-                            self.apply(command, &epoll);
-                            self.mailbox.complete();
-                            if exit {
-                                return Ok(());
-                            }
-                        }
-                        kick_rx = true;
-                        kick_tx = true;
-                        kick_ctrl = true;
-                    }
+                    // After the kicks of this batch: a kick the guest sent before a pause is
+                    // read (and counted) before the pause completes, never after.
+                    TOKEN_MAILBOX => commands = true,
                     TOKEN_TAP => kick_rx = true,
                     TOKEN_RX_KICK => {
                         if let Some(rx) = self.active.as_mut().and_then(|a| a.rx.as_mut()) {
@@ -399,6 +389,20 @@ impl Worker {
                     }
                     _ => {}
                 }
+            }
+            if commands {
+                let _ = self.mailbox.wake.read();
+                while let Some(command) = self.mailbox.take() {
+                    let exit = matches!(command, Command::Exit);
+                    self.apply(command, &epoll);
+                    self.mailbox.complete();
+                    if exit {
+                        return Ok(());
+                    }
+                }
+                kick_rx = true;
+                kick_tx = true;
+                kick_ctrl = true;
             }
             self.serve(kick_tx, kick_rx, kick_ctrl);
         }
