@@ -5,7 +5,7 @@ mod support;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use support::{read_reply, send, TestServer};
 
@@ -465,4 +465,58 @@ fn expect_100_continue_is_honoured() {
     assert_eq!(read_reply(&mut stream).status, 100);
     stream.write_all(b"{}").unwrap();
     assert_eq!(read_reply(&mut stream).status, 204);
+}
+
+/// Clients that hold a slot without using it (silent, stalled half-way through a request, or
+/// trickling one in byte by byte) are closed after the idle timeout, so they cannot keep
+/// others out for ever; a client that keeps sending requests is never cut.
+#[test]
+fn idle_clients_are_closed_and_free_their_slots() {
+    let idle = Duration::from_millis(1500);
+    let server = TestServer::start_with_idle_timeout("idle", idle);
+    let mut active = server.connect();
+    send(&mut active, "GET", "/", None);
+    assert_eq!(read_reply(&mut active).status, 200);
+    let mut trickler = server.connect();
+    trickler.write_all(b"GET / HTTP/1.1\r\nX-Slow: ").unwrap();
+    let mut idle_clients: Vec<UnixStream> = (2..api::rest::MAX_CONNECTIONS)
+        .map(|i| {
+            let mut client = server.connect();
+            if i % 2 == 0 {
+                client
+                    .write_all(b"PUT /machine-config HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")
+                    .unwrap();
+            }
+            client
+        })
+        .collect();
+    let start = Instant::now();
+    // Every slot is taken: the next client is refused.
+    let mut extra = server.connect();
+    assert_eq!(read_reply(&mut extra).status, 503);
+
+    // The active client goes on past the timeout; the trickler sends a byte each time.
+    while start.elapsed() < idle * 2 {
+        send(&mut active, "GET", "/", None);
+        assert_eq!(
+            read_reply(&mut active).status,
+            200,
+            "the active client was cut"
+        );
+        let _ = trickler.write_all(b"a");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The others were closed: they read the end of the stream, never an answer.
+    let mut byte = [0u8];
+    for client in idle_clients.iter_mut().chain([&mut trickler]) {
+        match client.read(&mut byte) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("an idle client was not closed: {other:?}"),
+        }
+    }
+    // Their slots are free: a new client is served, and so is the active one still.
+    assert_eq!(server.call("GET", "/", None).status, 200);
+    send(&mut active, "GET", "/vm/config", None);
+    assert_eq!(read_reply(&mut active).status, 200);
 }

@@ -13,6 +13,11 @@ impl RateLimit {
         let n = self.0.fetch_add(1, Ordering::Relaxed).saturating_add(1);
         n.is_power_of_two().then_some(n)
     }
+
+    /// Events counted so far, logged or not (for the metrics).
+    pub fn count(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 #[cfg(test)]

@@ -69,6 +69,58 @@ fn exits_total(sock: &Path) -> u64 {
         .expect("vcpu_exits.total")
 }
 
+/// The per-device counters of the metrics answer.
+fn device_metrics(sock: &Path) -> serde_json::Value {
+    let (status, body) = api_call(sock, "GET", "/metrics", None);
+    assert_eq!(status, 200, "{body}");
+    let metrics: serde_json::Value = serde_json::from_str(&body).unwrap();
+    metrics["devices"].clone()
+}
+
+/// Counter `path` ("net0/tx_frames", "console/ports/console/bytes_from_guest") of `devices`;
+/// device ids may contain '/' ("fs/kataShared"), so the id is given apart.
+fn counter(devices: &serde_json::Value, id: &str, path: &str) -> u64 {
+    path.split('/')
+        .fold(&devices[id], |v, key| &v[key])
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {id} {path} in {devices}"))
+}
+
+/// What the devices that carried traffic so far must show: console output and both ways of
+/// the agent port, frames both ways on the NIC, 9p requests and writes, random bytes served,
+/// and kicks and interrupts on each of them.
+fn assert_devices_counted(devices: &serde_json::Value) {
+    let agent_to_guest = format!("ports/{AGENT_PORT}/bytes_to_guest");
+    let agent_from_guest = format!("ports/{AGENT_PORT}/bytes_from_guest");
+    let mut wanted = vec![
+        ("console", "ports/console/bytes_from_guest"),
+        ("console", agent_to_guest.as_str()),
+        ("console", agent_from_guest.as_str()),
+        ("fs/kataShared", "requests"),
+        ("fs/kataShared", "bytes_written"),
+        ("rng", "bytes_served"),
+        ("net0", "interrupts"),
+    ];
+    for id in ["console", "fs/kataShared", "rng"] {
+        wanted.extend([(id, "kicks"), (id, "interrupts")]);
+    }
+    for (id, path) in wanted {
+        assert!(
+            counter(devices, id, path) > 0,
+            "{id} {path} is 0: {devices}"
+        );
+    }
+    // With vhost-net the kernel moves the frames (and reads the kicks) where we cannot count.
+    if !Path::new("/dev/vhost-net").exists() {
+        for path in ["rx_frames", "rx_bytes", "tx_frames", "tx_bytes", "kicks"] {
+            assert!(counter(devices, "net0", path) > 0, "net0 {path}: {devices}");
+        }
+    }
+    // The device ids the configuration gave: the virtio-pmem image is the second pmem.
+    assert_eq!(counter(devices, "pmem1", "bad_requests"), 0, "{devices}");
+    assert_eq!(counter(devices, "serial", "bytes_dropped"), 0, "{devices}");
+}
+
 fn file_len(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
@@ -289,6 +341,7 @@ fn configure_boot_pause_resume_and_shut_down_through_the_api() {
     );
     let ping = ns.output(&["busybox", "ping", "-c", "2", "-W", "10", GUEST_IP]);
     assert!(ping.contains(" 0% packet loss"), "{ping}");
+    assert_devices_counted(&device_metrics(&sock));
 
     // Every thread is ours, named, and filtered.
     let threads = thread_seccomp_modes(vm.pid());
@@ -313,6 +366,7 @@ fn configure_boot_pause_resume_and_shut_down_through_the_api() {
         "not running",
     );
     let exits = exits_total(&sock);
+    let devices = device_metrics(&sock);
     let console = file_len(&hvc0);
     client.write_all(b"while-paused\n").unwrap();
     client
@@ -324,6 +378,8 @@ fn configure_boot_pause_resume_and_shut_down_through_the_api() {
         "the guest echoed while paused"
     );
     assert_eq!(exits_total(&sock), exits, "vCPUs ran while paused");
+    // No device counted anything either, though the agent's client wrote to its port.
+    assert_eq!(device_metrics(&sock), devices, "devices moved while paused");
     assert_eq!(file_len(&hvc0), console, "the console wrote while paused");
 
     // Resumed: what was sent meanwhile comes back.
@@ -357,6 +413,16 @@ fn configure_boot_pause_resume_and_shut_down_through_the_api() {
     let last: serde_json::Value =
         serde_json::from_str(flushed.lines().last().expect("a metrics line")).unwrap();
     assert!(last["vcpu_exits"]["total"].as_u64().unwrap() > 0, "{last}");
+    // The file holds the same per-device counters as the answer, final values included.
+    assert_devices_counted(&last["devices"]);
+    assert!(
+        counter(
+            &last["devices"],
+            "console",
+            &format!("ports/{AGENT_PORT}/bytes_to_guest")
+        ) >= 26,
+        "both lines sent to the agent port: {last}"
+    );
     assert!(!Path::new(&format!("/proc/{}", vm.pid())).exists());
     let _ = std::fs::remove_dir_all(&shared);
 }

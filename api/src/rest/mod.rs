@@ -13,7 +13,7 @@ pub use dbs_uhttp::Method;
 pub use error::HttpError;
 pub use response::{encode_final_response, encode_response};
 pub use router::{parse_request, MAX_RESOURCE_ID_LEN};
-pub use server::{serve, ServerError, MAX_CONNECTIONS};
+pub use server::{serve, serve_with_idle_timeout, ServerError, IDLE_TIMEOUT, MAX_CONNECTIONS};
 
 /// Largest request body accepted (413 above it). Config bodies are a few hundred bytes; the
 /// cap bounds what one client can make the VMM buffer.

@@ -8,6 +8,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use dbs_uhttp::{ConnectionError, HttpConnection, Request, ScmSocket, SysError, Version};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -19,6 +20,12 @@ use crate::request::{RequestError, VmmRequest, VmmResponse};
 
 /// Clients connected at once; one more is answered 503 and closed.
 pub const MAX_CONNECTIONS: usize = 32;
+/// A client that completes no request and takes none of our output for this long is closed
+/// (silently, as HTTP servers close idle keep-alive connections): clients that connect and
+/// send nothing, or stall half-way through a request, cannot hold the connection slots for
+/// ever. Bytes that do not complete a request do not count as activity, so a client
+/// trickling a request in byte by byte is closed too. 30 s, as common HTTP servers.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Request line and headers of one request, all together (a client cannot grow our memory by
 /// sending headers forever).
 const MAX_HEAD_BYTES: usize = 8 * 1024;
@@ -45,8 +52,22 @@ pub enum ServerError {
 
 /// Serves the REST API on `listener` until `stop` is written: every request is parsed and
 /// passed to `handler`, whose answer goes back to the client. Returns when `stop` becomes
-/// readable (clients are then disconnected), or on an epoll failure.
-pub fn serve<H>(listener: UnixListener, stop: EventFd, mut handler: H) -> Result<(), ServerError>
+/// readable (clients are then disconnected), or on an epoll failure. Idle clients are closed
+/// after [`IDLE_TIMEOUT`].
+pub fn serve<H>(listener: UnixListener, stop: EventFd, handler: H) -> Result<(), ServerError>
+where
+    H: FnMut(VmmRequest) -> Result<VmmResponse, RequestError>,
+{
+    serve_with_idle_timeout(listener, stop, IDLE_TIMEOUT, handler)
+}
+
+/// [`serve`] with another idle timeout (tests shorten it).
+pub fn serve_with_idle_timeout<H>(
+    listener: UnixListener,
+    stop: EventFd,
+    idle_timeout: Duration,
+    mut handler: H,
+) -> Result<(), ServerError>
 where
     H: FnMut(VmmRequest) -> Result<VmmResponse, RequestError>,
 {
@@ -69,7 +90,7 @@ where
     let mut clients: BTreeMap<RawFd, Client> = BTreeMap::new();
     let mut events = [EpollEvent::default(); MAX_EVENTS];
     loop {
-        let count = match epoll.wait(-1, &mut events) {
+        let count = match epoll.wait(wait_ms(&clients, idle_timeout), &mut events) {
             Ok(count) => count,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(ServerError::EpollWait(e)),
@@ -101,7 +122,19 @@ where
                 clients.remove(&fd);
             }
         }
+        let now = Instant::now();
+        clients.retain(|_, client| now.duration_since(client.active) < idle_timeout);
     }
+}
+
+/// How long epoll may wait: until the first client's idle deadline, or for ever with none.
+fn wait_ms(clients: &BTreeMap<RawFd, Client>, idle_timeout: Duration) -> i32 {
+    let Some(first) = clients.values().map(|client| client.active).min() else {
+        return -1;
+    };
+    let left = (first + idle_timeout).saturating_duration_since(Instant::now());
+    // Rounded up: waking a little early would only wait again.
+    i32::try_from(left.as_millis() + 1).unwrap_or(i32::MAX)
 }
 
 fn accept(listener: &UnixListener, epoll: &Epoll, clients: &mut BTreeMap<RawFd, Client>) {
@@ -167,6 +200,8 @@ struct Client {
     write_shut: bool,
     /// Close now: the socket failed.
     broken: bool,
+    /// When it connected, last completed a request, or last took some of our output.
+    active: Instant,
 }
 
 impl Client {
@@ -186,6 +221,7 @@ impl Client {
             linger: 0,
             write_shut: false,
             broken: false,
+            active: Instant::now(),
         }
     }
 
@@ -263,6 +299,7 @@ impl Client {
         let result = self.connection.try_read();
         while let Some(request) = self.connection.pop_parsed_request() {
             self.received.set(0);
+            self.active = Instant::now();
             if request.headers.chunked() {
                 self.fail(HttpError::BadRequest(
                     "chunked request bodies are not supported: send Content-Length".into(),
@@ -301,6 +338,7 @@ impl Client {
 
     /// Sends as much output as the socket takes now.
     fn flush(&mut self) {
+        let pending = self.output.len() - self.sent;
         if flush_output(
             self.connection.as_raw_fd(),
             &mut self.output,
@@ -309,6 +347,9 @@ impl Client {
         .is_err()
         {
             self.broken = true;
+        }
+        if self.output.len() - self.sent < pending {
+            self.active = Instant::now();
         }
     }
 }

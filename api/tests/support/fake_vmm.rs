@@ -42,6 +42,8 @@ impl FakeVmm {
             })),
             VmmRequest::GetConfig => Ok(VmmResponse::Config(self.pending.to_json())),
             VmmRequest::GetMetrics => Ok(VmmResponse::Metrics(serde_json::json!({
+                "utc_timestamp_ms": 0,
+                "state": "Not started",
                 "api_requests": 1
             }))),
             VmmRequest::PutLogger(logger) => match logger.level.as_deref() {

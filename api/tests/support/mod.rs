@@ -67,6 +67,19 @@ impl TestServer {
     /// Runs `setup` on the server thread before it serves (e.g. to install a seccomp filter).
     /// Requests reach the fake VMM through a channel to its own thread, as in chapeau.
     pub fn start_with(name: &str, setup: impl FnOnce() + Send + 'static) -> Self {
+        Self::start_full(name, api::rest::IDLE_TIMEOUT, setup)
+    }
+
+    /// A server that closes idle clients after `idle_timeout`.
+    pub fn start_with_idle_timeout(name: &str, idle_timeout: Duration) -> Self {
+        Self::start_full(name, idle_timeout, || {})
+    }
+
+    fn start_full(
+        name: &str,
+        idle_timeout: Duration,
+        setup: impl FnOnce() + Send + 'static,
+    ) -> Self {
         let dir = std::env::temp_dir().join(format!("chapeau-rest-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -79,7 +92,9 @@ impl TestServer {
             .spawn(move || {
                 let vmm = VmmThread::start();
                 setup();
-                api::rest::serve(listener, server_stop, |request| vmm.call(request))
+                api::rest::serve_with_idle_timeout(listener, server_stop, idle_timeout, |request| {
+                    vmm.call(request)
+                })
             })
             .unwrap();
         TestServer {

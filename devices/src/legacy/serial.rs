@@ -5,6 +5,7 @@ use std::io::Write;
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::virtio::Counters;
 use crate::BusDevice;
 
 /// Raises the UART's interrupt through an EventFd that the VMM registers as an irqfd.
@@ -18,7 +19,36 @@ impl Trigger for EventFdTrigger {
     }
 }
 
-type Uart = vm_superio::Serial<EventFdTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>;
+/// Where the UART's bytes go; says how many of them it had to drop.
+pub trait SerialSink: Write + Send {
+    fn dropped(&self) -> u64 {
+        0
+    }
+}
+
+/// `serial off`: output is discarded by choice, not dropped.
+impl SerialSink for std::io::Sink {}
+
+/// The UART's writer: counts what the guest transmitted on its way to the output (only the
+/// transmit register reaches the writer, so divisor-latch writes are not counted).
+struct CountingOutput {
+    out: Box<dyn SerialSink>,
+    bytes_out: u64,
+}
+
+impl Write for CountingOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.out.write(buf)?;
+        self.bytes_out = self.bytes_out.saturating_add(n as u64);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
+type Uart = vm_superio::Serial<EventFdTrigger, vm_superio::serial::NoEvents, CountingOutput>;
 
 pub struct Serial {
     uart: Uart,
@@ -27,11 +57,24 @@ pub struct Serial {
 }
 
 impl Serial {
-    pub fn new(interrupt: EventFd, out: Box<dyn Write + Send>) -> Self {
+    pub fn new(interrupt: EventFd, out: Box<dyn SerialSink>) -> Self {
         Self {
-            uart: Uart::new(EventFdTrigger(interrupt), out),
+            uart: Uart::new(
+                EventFdTrigger(interrupt),
+                CountingOutput { out, bytes_out: 0 },
+            ),
             output_failed: false,
         }
+    }
+
+    /// For the metrics: bytes the guest wrote, and how many of them the output dropped (no
+    /// room for a slow reader, over a file's cap or rate, or the output failed).
+    pub fn counters(&self) -> Counters {
+        let writer = self.uart.writer();
+        vec![
+            ("bytes_out", writer.bytes_out),
+            ("bytes_dropped", writer.out.dropped()),
+        ]
     }
 
     /// Queues host input for the guest. Returns how many bytes fit in the FIFO; the rest is
@@ -88,6 +131,8 @@ mod tests {
         }
     }
 
+    impl SerialSink for Shared {}
+
     #[test]
     fn transmits_bytes_and_receives_input() {
         let out = Shared::default();
@@ -96,6 +141,7 @@ mod tests {
         serial.write(0, b"h");
         serial.write(0, b"i");
         assert_eq!(out.0.lock().unwrap().as_slice(), b"hi");
+        assert_eq!(serial.counters(), [("bytes_out", 2), ("bytes_dropped", 0)]);
 
         // Enable the received-data interrupt, then feed input.
         serial.write(1, &[0x01]);

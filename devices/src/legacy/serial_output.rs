@@ -88,6 +88,8 @@ pub struct OutputBudget {
     accepted: u64,
     rate: Option<ByteBucket>,
     cap_reached: bool,
+    /// Bytes refused by the cap or the rate.
+    refused: u64,
 }
 
 impl OutputBudget {
@@ -100,6 +102,7 @@ impl OutputBudget {
                 .rate
                 .map(|(rate, burst)| ByteBucket::new(rate, burst)),
             cap_reached: false,
+            refused: 0,
         }
     }
 
@@ -122,7 +125,15 @@ impl OutputBudget {
             allowed = usize::try_from(got).unwrap_or(allowed);
         }
         self.accepted = self.accepted.saturating_add(allowed as u64);
+        self.refused = self
+            .refused
+            .saturating_add((want - allowed.min(want)) as u64);
         allowed
+    }
+
+    /// Bytes the cap or the rate refused so far.
+    pub fn refused(&self) -> u64 {
+        self.refused
     }
 
     pub fn cap_reached(&self) -> bool {
@@ -201,6 +212,12 @@ impl SerialOutput {
     fn admit(&mut self, want: usize) -> usize {
         let room = want.min(PENDING_LIMIT.saturating_sub(self.pending.len()));
         self.budget.admit(room)
+    }
+}
+
+impl crate::legacy::SerialSink for SerialOutput {
+    fn dropped(&self) -> u64 {
+        self.dropped
     }
 }
 
@@ -285,6 +302,11 @@ mod tests {
             for i in 0..(1u32 << 18) {
                 serial.write(0, &[b'a' + (i % 26) as u8]);
             }
+            // Every byte counted as sent; what neither the pipe nor the buffer took, dropped.
+            let counters = serial.counters();
+            assert_eq!(counters[0], ("bytes_out", 1 << 18));
+            assert_eq!(counters[1].0, "bytes_dropped");
+            assert!(counters[1].1 >= (1 << 18) - 2 * PENDING_LIMIT as u64);
             let _ = done.send(());
         });
         assert!(

@@ -9,7 +9,7 @@
 //! Not implemented: the VIRTIO_PCI_CAP_PCI_CFG window (Linux never uses it), INTx (no
 //! interrupt pin: drivers must use MSI-X, which Linux's virtio-pci does), queue reset.
 
-use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtio_queue::{Queue, QueueT};
@@ -22,7 +22,8 @@ use super::{BarReprogram, PciDevice, VIRTIO_VENDOR_ID};
 use crate::rate_limit::RateLimit;
 use crate::virtio::chain::queue_in_memory;
 use crate::virtio::{
-    ActivatedQueue, InterruptKind, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    ActivatedQueue, Counters, InterruptKind, QueueNotify, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1,
 };
 use crate::BusDevice;
 
@@ -109,6 +110,23 @@ struct Shared {
     queue_vectors: Vec<AtomicU16>,
     isr: AtomicU8,
     config_generation: AtomicU8,
+    /// Interrupts sent to the driver (queue and configuration), for the metrics.
+    interrupts: AtomicU64,
+}
+
+/// What every virtio device's metrics get from its transport: the guest's kicks the device
+/// read, and the interrupts raised for it. Reads relaxed atomics: never takes a lock.
+pub struct TransportCounters {
+    shared: Arc<Shared>,
+    notify: Vec<Arc<QueueNotify>>,
+}
+
+impl TransportCounters {
+    pub fn counters(&self) -> Counters {
+        let kicks = self.notify.iter().map(|n| n.kicks()).sum();
+        let interrupts = self.shared.interrupts.load(Ordering::Relaxed);
+        vec![("kicks", kicks), ("interrupts", interrupts)]
+    }
 }
 
 /// The transport's [`VirtioInterrupt`]: MSI-X vectors through KVM irqfds.
@@ -134,6 +152,7 @@ impl VirtioInterrupt for PciInterrupt {
             }
         };
         if vector != VIRTIO_MSI_NO_VECTOR {
+            self.shared.interrupts.fetch_add(1, Ordering::Relaxed);
             self.msix.trigger(vector);
         }
         Ok(())
@@ -157,7 +176,7 @@ pub struct VirtioPciDevice {
     queues: Vec<Queue>,
     /// Queue notification eventfds, for the device's lifetime: KVM signals them as ioeventfds
     /// and every activation shares them with the device (never a duplicate per DRIVER_OK).
-    notify: Vec<Arc<EventFd>>,
+    notify: Vec<Arc<QueueNotify>>,
     activated: bool,
     /// Driver mistakes a guest can repeat, logged at a bounded rate.
     refused_features: RateLimit,
@@ -167,6 +186,14 @@ pub struct VirtioPciDevice {
 }
 
 impl VirtioPciDevice {
+    /// The device's kicks and interrupts, readable without the transport's lock.
+    pub fn counters(&self) -> TransportCounters {
+        TransportCounters {
+            shared: self.shared.clone(),
+            notify: self.notify.clone(),
+        }
+    }
+
     /// MSI-X vectors a device needs: one per queue and one for configuration changes.
     pub fn vectors_needed(device: &dyn VirtioDevice) -> usize {
         device.queue_max_sizes().len() + 1
@@ -245,7 +272,7 @@ impl VirtioPciDevice {
             .collect::<Result<Vec<_>, _>>()?;
         let notify = (0..num_queues)
             .map(|_| {
-                EventFd::new(libc::EFD_NONBLOCK)
+                QueueNotify::new()
                     .map(Arc::new)
                     .map_err(VirtioPciError::EventFd)
             })
@@ -257,6 +284,7 @@ impl VirtioPciDevice {
                 .collect(),
             isr: AtomicU8::new(0),
             config_generation: AtomicU8::new(0),
+            interrupts: AtomicU64::new(0),
         });
         Ok(Self {
             config,
@@ -648,7 +676,7 @@ impl PciDevice for VirtioPciDevice {
             .map(|(i, fd)| {
                 (
                     base + NOTIFY_OFFSET + i as u64 * u64::from(NOTIFY_MULTIPLIER),
-                    &**fd,
+                    fd.eventfd(),
                 )
             })
             .collect()
@@ -686,6 +714,9 @@ mod tests {
     impl VirtioDevice for FakeDevice {
         fn device_type(&self) -> u32 {
             crate::virtio::TYPE_RNG
+        }
+        fn counters(&self) -> crate::virtio::DeviceCounters {
+            crate::virtio::DeviceCounters::default()
         }
         fn queue_max_sizes(&self) -> &[u16] {
             &[16, 8]
@@ -918,8 +949,12 @@ mod tests {
             .unwrap()
             .contains(&(26, 0xfee0_0000, 0x32)));
         // A kick that reaches us is forwarded to the queue's eventfd.
+        let counters = pci.counters();
+        assert_eq!(counters.counters(), [("kicks", 0), ("interrupts", 2)]);
         w(pci, NOTIFY_OFFSET + 4, 2, 1);
         assert_eq!(rig.dev.lock().unwrap().queues[1].notify.read().unwrap(), 1);
+        // The metrics count the kick the device read, and the two interrupts above.
+        assert_eq!(counters.counters(), [("kicks", 1), ("interrupts", 2)]);
 
         // Reset: device reset, queues and vectors back to defaults.
         w(pci, 0x14, 1, 0);

@@ -13,7 +13,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::pci::{MsiRouting, MsixVector, VirtioPciDevice};
 
-use super::{ActivateError, ActivatedQueue, InterruptKind, VirtioDevice, VirtioInterrupt};
+use super::{
+    ActivateError, ActivatedQueue, InterruptKind, QueueNotify, VirtioDevice, VirtioInterrupt,
+};
 
 /// Guest memory the driver works in.
 pub const MEM_SIZE: u64 = 1 << 20;
@@ -107,7 +109,7 @@ pub struct FakeDriver<D: VirtioDevice + 'static> {
     pub interrupt: Arc<CountingInterrupt>,
     manager: EventManager<Subscriber>,
     /// The queues' notify eventfds: one set for the device's life, as the transport keeps.
-    notify: Vec<Arc<EventFd>>,
+    notify: Vec<Arc<QueueNotify>>,
 }
 
 impl<D: VirtioDevice + 'static> FakeDriver<D> {
@@ -120,7 +122,7 @@ impl<D: VirtioDevice + 'static> FakeDriver<D> {
         manager.add_subscriber(device.clone());
         let count = lock(&device).queue_max_sizes().len();
         let notify = (0..count)
-            .map(|_| EventFd::new(libc::EFD_NONBLOCK).map(Arc::new))
+            .map(|_| QueueNotify::new().map(Arc::new))
             .collect::<Result<_, _>>()?;
         Ok(Self {
             device,

@@ -17,7 +17,8 @@ use vm_memory::GuestMemoryMmap;
 use super::chain::pop_chain;
 use super::single_queue::{single_queue_subscriber, SingleQueue};
 use super::{
-    ActivateError, ActivatedQueue, VirtioDevice, VirtioInterrupt, TYPE_PMEM, VIRTIO_F_VERSION_1,
+    ActivateError, ActivatedQueue, DeviceCounters, VirtioDevice, VirtioInterrupt, TYPE_PMEM,
+    VIRTIO_F_VERSION_1,
 };
 use crate::rate_limit::RateLimit;
 
@@ -167,7 +168,7 @@ impl Pmem {
         let exhausted = served == MAX_REQUESTS_PER_WAKE && active.has_more();
         if exhausted {
             // Come back on the next turn of the loop for the rest.
-            let _ = active.notify.write(1);
+            let _ = active.notify.rewake();
         }
         exhausted
     }
@@ -213,17 +214,29 @@ impl VirtioDevice for Pmem {
         self.queue.reset();
         true
     }
+
+    fn counters(&self) -> DeviceCounters {
+        DeviceCounters {
+            counters: vec![
+                ("flushes", self.flushes),
+                ("syncs", self.syncs),
+                ("flush_errors", self.flush_errors.count()),
+                ("bad_requests", self.bad_requests),
+            ],
+            ports: Vec::new(),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::virtio::test_util::{desc, used, CountingInterrupt};
+    use crate::virtio::QueueNotify;
     use std::sync::atomic::Ordering;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
-    use vmm_sys_util::eventfd::EventFd;
 
     const MEM_SIZE: u64 = 4 << 20;
     const REQ: u64 = 0x10_0000;
@@ -251,7 +264,7 @@ mod tests {
             interrupt.clone(),
             vec![ActivatedQueue {
                 queue: mock.create_queue().unwrap(),
-                notify: Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
+                notify: Arc::new(QueueNotify::new().unwrap()),
             }],
         )
         .unwrap();
@@ -333,6 +346,7 @@ mod tests {
             .collect();
         assert_eq!(results, vec![(0, 0), (1, 0), (3, 0), (5, 0), (7, 0)]);
         assert_eq!(pmem.bad_requests(), 5);
+        assert_eq!(pmem.counters().counters[3], ("bad_requests", 5));
     }
 
     #[test]
@@ -370,6 +384,15 @@ mod tests {
         assert_eq!(mock.used().idx().load(), 64);
         assert_eq!(pmem.flushes(), 64);
         assert_eq!(pmem.syncs(), 1, "one fdatasync answers the 64 requests");
+        assert_eq!(
+            pmem.counters().counters,
+            [
+                ("flushes", 64),
+                ("syncs", 1),
+                ("flush_errors", 0),
+                ("bad_requests", 0)
+            ]
+        );
         for i in 0..64 {
             assert_eq!(used(&mock, i), (2 * i as u32, 4));
             let status = mem.read_obj::<u32>(GuestAddress(RESP + 4 * u64::from(i)));

@@ -18,7 +18,8 @@ use vm_memory::GuestMemoryMmap;
 use super::chain::pop_chain;
 use super::single_queue::{single_queue_subscriber, SingleQueue};
 use super::{
-    ActivateError, ActivatedQueue, VirtioDevice, VirtioInterrupt, TYPE_RNG, VIRTIO_F_VERSION_1,
+    ActivateError, ActivatedQueue, DeviceCounters, VirtioDevice, VirtioInterrupt, TYPE_RNG,
+    VIRTIO_F_VERSION_1,
 };
 use crate::rate_limit::RateLimit;
 
@@ -138,7 +139,7 @@ impl Rng {
         }
         if exhausted {
             // Come back on the next turn of the loop for the rest.
-            let _ = active.notify.write(1);
+            let _ = active.notify.rewake();
         }
         exhausted
     }
@@ -181,12 +182,23 @@ impl VirtioDevice for Rng {
         self.queue.reset();
         true
     }
+
+    fn counters(&self) -> DeviceCounters {
+        DeviceCounters {
+            counters: vec![
+                ("bytes_served", self.bytes_served),
+                ("read_errors", self.read_errors.count()),
+            ],
+            ports: Vec::new(),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::virtio::test_util::{desc, used, CountingInterrupt};
+    use crate::virtio::QueueNotify;
     use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
     use std::sync::atomic::Ordering;
     use std::sync::Mutex;
@@ -194,7 +206,6 @@ mod tests {
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
-    use vmm_sys_util::eventfd::EventFd;
 
     const MEM_SIZE: u64 = 4 << 20;
     const DATA: u64 = 0x10_0000;
@@ -218,7 +229,7 @@ mod tests {
             interrupt.clone(),
             vec![ActivatedQueue {
                 queue: mock.create_queue().unwrap(),
-                notify: Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
+                notify: Arc::new(QueueNotify::new().unwrap()),
             }],
         )
         .unwrap();
@@ -391,9 +402,22 @@ mod tests {
         let (mut rng, _) = rng_with(&mem, &mock, &descs);
         assert!(rng.process_queue(), "2 MiB asked, 1 MiB per wake");
         assert_eq!(mock.used().idx().load(), 16);
-        assert_eq!(rng.queue.active_mut().unwrap().notify.read().unwrap(), 1);
+        let notify = rng.queue.active_mut().unwrap().notify.clone();
+        assert_eq!(notify.read().unwrap(), 1);
+        assert_eq!(
+            notify.kicks(),
+            0,
+            "the device's own wake-up is not a guest kick"
+        );
         assert!(!rng.process_queue());
         assert_eq!(mock.used().idx().load(), 32);
+        assert_eq!(
+            rng.counters().counters,
+            [
+                ("bytes_served", 32 * u64::from(MAX_BYTES_PER_CHAIN)),
+                ("read_errors", 0)
+            ]
+        );
     }
 
     #[test]
@@ -406,7 +430,7 @@ mod tests {
         manager.add_subscriber(rng.clone());
         mock.add_desc_chains(&[desc(DATA, 32, VRING_DESC_F_WRITE, 0)], 0)
             .unwrap();
-        let notify = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let notify = Arc::new(QueueNotify::new().unwrap());
         let interrupt = Arc::new(CountingInterrupt::default());
         rng.lock()
             .unwrap()
@@ -428,6 +452,11 @@ mod tests {
         manager.run_with_timeout(1000).unwrap();
         assert_eq!(mock.used().idx().load(), 2);
         assert_eq!(interrupt.0.load(Ordering::SeqCst), 2);
+        assert_eq!(notify.kicks(), 1, "the kick is counted");
+        assert_eq!(
+            rng.lock().unwrap().counters().counters[0],
+            ("bytes_served", 64)
+        );
         // Reset: the queue's eventfd stays watched; a later kick is read and does nothing.
         assert!(rng.lock().unwrap().reset());
         mock.add_desc_chains(&[desc(DATA, 32, VRING_DESC_F_WRITE, 0)], 2)
@@ -436,6 +465,11 @@ mod tests {
         manager.run_with_timeout(1000).unwrap();
         assert_eq!(mock.used().idx().load(), 2);
         assert_eq!(rng.lock().unwrap().queue.watched_count(), 1);
+        assert_eq!(
+            notify.kicks(),
+            2,
+            "a kick after reset is still one the guest sent"
+        );
         assert_eq!(
             manager.run_with_timeout(100).unwrap(),
             0,

@@ -12,14 +12,14 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActivateError, ActivatedQueue, InterruptKind, VirtioInterrupt};
+use super::{ActivateError, ActivatedQueue, InterruptKind, QueueNotify, VirtioInterrupt};
 
 /// The queue of an activated device, with what it needs to serve it.
 pub struct ActiveQueue {
     pub mem: GuestMemoryMmap,
     pub interrupt: Arc<dyn VirtioInterrupt>,
     pub queue: Queue,
-    pub notify: Arc<EventFd>,
+    pub notify: Arc<QueueNotify>,
 }
 
 impl ActiveQueue {
@@ -67,7 +67,7 @@ pub struct SingleQueue {
     active: Option<ActiveQueue>,
     /// The notify eventfd in the event loop's epoll set; stays there after a reset (kicks
     /// then are read and ignored) until an activation brings a different one.
-    watched: Option<Arc<EventFd>>,
+    watched: Option<Arc<QueueNotify>>,
 }
 
 impl SingleQueue {

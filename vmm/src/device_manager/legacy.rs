@@ -2,13 +2,12 @@
 //! can type Ctrl-Alt-Del), the ACPI sleep/reset register and the ACPI Generic Event Device that
 //! carries the power button.
 
-use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use api::SerialConfig;
 use devices::host_files;
 use devices::legacy::{
-    AcpiGed, AcpiPowerDevice, OutputLimits, Serial, SerialOutput, ACPI_GED_LEN, I8042,
+    AcpiGed, AcpiPowerDevice, OutputLimits, Serial, SerialOutput, SerialSink, ACPI_GED_LEN, I8042,
 };
 use devices::{Bus, ExitNotifier};
 use kvm_ioctls::VmFd;
@@ -19,7 +18,7 @@ use crate::arch::x86_64::layout;
 
 /// Where COM1's bytes go. Never blocks the vCPU that writes them: stdout is reopened
 /// non-blocking with a bounded buffer, a file is capped in size and rate.
-fn serial_output(config: &SerialConfig) -> Result<Box<dyn Write + Send>, DeviceError> {
+fn serial_output(config: &SerialConfig) -> Result<Box<dyn SerialSink>, DeviceError> {
     Ok(match config {
         SerialConfig::Stdout => {
             Box::new(SerialOutput::stdout().map_err(DeviceError::SerialStdout)?)

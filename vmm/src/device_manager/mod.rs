@@ -145,20 +145,22 @@ impl DeviceManager {
             pci.attach_pci(&pio)?;
         }
         if let Some(rng) = &config.rng {
-            pci.add_virtio_device(Arc::new(Mutex::new(Rng::new(&rng.source)?)))?;
+            let device = Arc::new(Mutex::new(Rng::new(&rng.source)?));
+            pci.add_virtio_device("rng".into(), device)?;
         }
         for (index, interface) in config.net.iter().enumerate() {
             let device = net::net_device(index, interface, confinement)?;
-            pci.add_virtio_device(Arc::new(Mutex::new(device)))?;
+            pci.add_virtio_device(format!("net{index}"), Arc::new(Mutex::new(device)))?;
         }
         for share in &config.fs {
             let device = p9::p9_device(share, confinement)?;
-            pci.add_virtio_device(Arc::new(Mutex::new(device)))?;
+            pci.add_virtio_device(format!("fs/{}", share.tag), Arc::new(Mutex::new(device)))?;
         }
         if config.has_virtio_console() {
-            pci.add_virtio_device(Arc::new(Mutex::new(console_device(config)?)))?;
+            let device = Arc::new(Mutex::new(console_device(config)?));
+            pci.add_virtio_device("console".into(), device)?;
         }
-        for region in &pmem {
+        for (index, region) in pmem.iter().enumerate() {
             if region.config.readonly {
                 let guard = ReadOnlyMemory::new(
                     format!("pmem image {}", region.config.file.display()),
@@ -170,7 +172,7 @@ impl DeviceManager {
             if region.config.model == PmemModel::Virtio {
                 let file = region.flush_file().map_err(DeviceError::PmemFlushFile)?;
                 let device = Pmem::new(region.gpa, region.size, file)?;
-                pci.add_virtio_device(Arc::new(Mutex::new(device)))?;
+                pci.add_virtio_device(format!("pmem{index}"), Arc::new(Mutex::new(device)))?;
             }
         }
         Ok(Self {
@@ -213,21 +215,40 @@ impl DeviceManager {
         }
     }
 
-    /// Per-device counters for the metrics.
+    /// Per-device counters for the metrics, keyed by device id: `serial`, then the virtio
+    /// devices (`rng`, `net0`, `fs/TAG`, `console` with its `ports`, `pmem0`), each with its
+    /// transport's `kicks` and `interrupts` first.
     pub fn metrics(&self) -> serde_json::Value {
-        let virtio: Vec<serde_json::Value> = self
-            .pci
-            .virtio_devices()
-            .iter()
-            .map(|device| {
-                let device = device.lock().unwrap_or_else(|p| p.into_inner());
-                serde_json::json!({ "type": device.device_type() })
-            })
-            .collect();
-        serde_json::json!({
-            "pci_config_exits": self.pci.pci_config_exits(),
-            "virtio": virtio,
-        })
+        fn object(counters: &[(&str, u64)]) -> serde_json::Map<String, serde_json::Value> {
+            counters
+                .iter()
+                .map(|(name, value)| (name.to_string(), (*value).into()))
+                .collect()
+        }
+        let serial = self
+            .serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .counters();
+        let mut devices = serde_json::Map::new();
+        devices.insert(
+            "pci_config_exits".into(),
+            self.pci.pci_config_exits().into(),
+        );
+        devices.insert("serial".into(), object(&serial).into());
+        for (id, counters) in self.pci.virtio_counters() {
+            let mut value = object(&counters.counters);
+            if !counters.ports.is_empty() {
+                let ports = counters
+                    .ports
+                    .iter()
+                    .map(|(name, port)| (name.clone(), object(port).into()))
+                    .collect::<serde_json::Map<_, _>>();
+                value.insert("ports".into(), ports.into());
+            }
+            devices.insert(id.to_string(), value.into());
+        }
+        devices.into()
     }
 
     /// Asks the guest to shut down (`SendCtrlAltDel`): presses the ACPI power button, which an

@@ -6,11 +6,11 @@
 
 use std::sync::{Arc, Mutex, Weak};
 
-use devices::pci::virtio_pci::{self, VirtioPciDevice};
+use devices::pci::virtio_pci::{self, TransportCounters, VirtioPciDevice};
 use devices::pci::{
     BarRelocator, BarReprogram, MsixVector, PciConfigIo, PciConfigMmio, PciDevice, PciRoot,
 };
-use devices::virtio::VirtioDevice;
+use devices::virtio::{DeviceCounters, VirtioDevice};
 use devices::Bus;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
@@ -78,6 +78,9 @@ pub struct PciDevices {
     mmio64: AddressAllocator,
     gsis: IdAllocator,
     virtio: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+    /// Each virtio device's metrics id (`net0`, `fs/TAG`, ...) and its transport's counters,
+    /// in the order of `virtio`.
+    counters: Vec<(String, TransportCounters)>,
 }
 
 fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> DeviceError {
@@ -120,6 +123,7 @@ impl PciDevices {
                 },
             )?,
             virtio: Vec::new(),
+            counters: Vec::new(),
         })
     }
 
@@ -166,9 +170,11 @@ impl PciDevices {
 
     /// Puts a virtio device on the PCI bus behind the virtio-pci transport: a slot, a BAR, one
     /// MSI-X vector per queue plus one (GSI + irqfd each), an ioeventfd per queue. The device
-    /// is also run by the event loop (see `subscribers`). Returns its slot.
+    /// is also run by the event loop (see `subscribers`). `id` names it in the metrics.
+    /// Returns its slot.
     pub fn add_virtio_device(
         &mut self,
+        id: String,
         device: Arc<Mutex<dyn VirtioDevice>>,
     ) -> Result<u8, DeviceError> {
         let needed = {
@@ -204,6 +210,7 @@ impl PciDevices {
                 .register_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
                 .map_err(kvm("IOEVENTFD"))?;
         }
+        let counters = transport.counters();
         let transport = Arc::new(Mutex::new(transport));
         self.mmio
             .insert(transport.clone(), bar, virtio_pci::BAR_SIZE)?;
@@ -217,12 +224,27 @@ impl PciDevices {
             "virtio device type {device_type} at PCI 00:{slot:02x}.0, BAR {bar:#x}, {needed} MSI-X vectors"
         );
         self.virtio.push(device);
+        self.counters.push((id, counters));
         Ok(slot)
     }
 
     /// The virtio devices, in the order they were added.
     pub fn virtio_devices(&self) -> &[Arc<Mutex<dyn VirtioDevice>>] {
         &self.virtio
+    }
+
+    /// Each virtio device's metrics id with its counters: the transport's (kicks, interrupts)
+    /// then the device's own.
+    pub fn virtio_counters(&self) -> Vec<(&str, DeviceCounters)> {
+        self.virtio
+            .iter()
+            .zip(&self.counters)
+            .map(|(device, (id, transport))| {
+                let mut counters = device.lock().unwrap_or_else(|p| p.into_inner()).counters();
+                counters.counters.splice(0..0, transport.counters());
+                (id.as_str(), counters)
+            })
+            .collect()
     }
 
     /// The virtio devices as event-loop subscribers.
@@ -251,7 +273,8 @@ mod tests {
         let pio = Bus::new();
         dm.attach_pci(&pio).unwrap();
         let rng = devices::virtio::rng::Rng::new(std::path::Path::new("/dev/urandom")).unwrap();
-        assert_eq!(dm.add_virtio_device(Arc::new(Mutex::new(rng))).unwrap(), 1);
+        let rng = Arc::new(Mutex::new(rng));
+        assert_eq!(dm.add_virtio_device("rng".into(), rng).unwrap(), 1);
         assert_eq!(dm.subscribers().len(), 1);
         // Vendor/device of 00:01.0 through ECAM and through 0xcf8.
         let mut d = [0u8; 4];

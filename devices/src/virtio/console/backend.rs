@@ -165,6 +165,11 @@ impl Sink {
         })
     }
 
+    /// Bytes the file's cap or rate dropped.
+    pub fn refused(&self) -> u64 {
+        self.budget.as_ref().map_or(0, OutputBudget::refused)
+    }
+
     /// Writes what the budget admits of `data`; the rest counts as written (dropped), so
     /// the guest's output never waits on a limit.
     pub fn write(&mut self, data: &[u8]) -> io::Result<usize> {

@@ -32,8 +32,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::{pop_chain, queue_in_memory};
 use super::{
-    ActivateError, ActivatedQueue, InterruptKind, VirtioDevice, VirtioInterrupt, TYPE_CONSOLE,
-    VIRTIO_F_VERSION_1,
+    ActivateError, ActivatedQueue, Counters, DeviceCounters, InterruptKind, QueueNotify,
+    VirtioDevice, VirtioInterrupt, TYPE_CONSOLE, VIRTIO_F_VERSION_1,
 };
 use backend::{ClientState, Sink, SocketBackend};
 use control::{Control, RateLimit};
@@ -175,6 +175,27 @@ struct Port {
     /// Console: output waiting for the sink or socket client.
     out_buf: VecDeque<u8>,
     dropped: RateLimit,
+    stats: PortStats,
+}
+
+impl PortStats {
+    /// A guest→host chain is done with, `unsent` of its bytes not delivered.
+    fn done(&mut self, unsent: u64, error: Option<io::Error>) -> TxProgress {
+        self.from_guest = self.from_guest.saturating_add(unsent);
+        self.dropped = self.dropped.saturating_add(unsent);
+        TxProgress::Done(error)
+    }
+}
+
+/// A port's counters for the metrics (the `vmm` thread alone serves the device).
+#[derive(Debug, Default)]
+struct PortStats {
+    /// Host→guest bytes put in the guest's buffers.
+    to_guest: u64,
+    /// Guest→host bytes taken from the guest's buffers, delivered or not.
+    from_guest: u64,
+    /// Of those, bytes dropped: no listener, no room for a slow one, or its file's cap/rate.
+    dropped: u64,
 }
 
 impl Port {
@@ -188,6 +209,7 @@ impl Port {
             tx_pending: None,
             out_buf: VecDeque::new(),
             dropped: RateLimit::default(),
+            stats: PortStats::default(),
         }
     }
 
@@ -219,7 +241,7 @@ struct Active {
     mem: Arc<GuestMemoryMmap>,
     interrupt: Arc<dyn VirtioInterrupt>,
     queues: Vec<Queue>,
-    notify: Vec<Arc<EventFd>>,
+    notify: Vec<Arc<QueueNotify>>,
     /// Queues with new used buffers since the last interrupt check.
     needs_irq: Vec<bool>,
 }
@@ -252,7 +274,7 @@ impl Active {
     /// Out of budget with work left: come back through the event loop, after other events.
     fn reschedule(&self, index: usize) {
         if let Some(fd) = self.notify.get(index) {
-            let _ = fd.write(1);
+            let _ = fd.rewake();
         }
     }
 
@@ -273,7 +295,7 @@ pub struct Console {
     /// The notify eventfds in the event loop's epoll set, by queue index. The transport hands
     /// the same ones to every activation, so they stay watched across resets (a kick then is
     /// read and ignored) and a reset/DRIVER_OK loop costs no fd and no epoll churn.
-    watched: Vec<Arc<EventFd>>,
+    watched: Vec<Arc<QueueNotify>>,
     device_ready: bool,
     control_out: VecDeque<Vec<u8>>,
     scratch: Vec<u8>,
@@ -564,6 +586,7 @@ impl Console {
                     0
                 }
             };
+            port.stats.to_guest = port.stats.to_guest.saturating_add(written as u64);
             active.add_used(index, head, len32(written), &mut self.bad_chain);
             budget -= 1;
             if budget == 0 {
@@ -612,6 +635,7 @@ impl Console {
                     .unwrap_or(0);
                     let copied = usize::try_from(copied).unwrap_or(0);
                     dropped = dropped.saturating_add(available - copied.min(available));
+                    port.stats.from_guest = port.stats.from_guest.saturating_add(available as u64);
                 }
                 Err(e) => {
                     if let Some(n) = self.bad_chain.hit() {
@@ -626,6 +650,7 @@ impl Console {
                 break;
             }
         }
+        port.stats.dropped = port.stats.dropped.saturating_add(dropped as u64);
         if dropped > 0 && listening {
             if let Some(n) = port.dropped.hit() {
                 log::info!("virtio-console: console output too fast for its listener, dropped {dropped} bytes ({n} times)");
@@ -640,11 +665,16 @@ impl Console {
             return;
         };
         let out = &mut port.out_buf;
+        let stats = &mut port.stats;
+        let mut discard = |out: &mut VecDeque<u8>| {
+            stats.dropped = stats.dropped.saturating_add(out.len() as u64);
+            out.clear();
+        };
         match &mut port.backend {
-            Backend::Off => out.clear(),
+            Backend::Off => discard(out),
             Backend::Sink(sink) => {
                 if sink.failed {
-                    out.clear();
+                    discard(out);
                     return;
                 }
                 if let Err(e) = backend::flush_with(out, |d| sink.write(d)) {
@@ -655,7 +685,7 @@ impl Console {
                 }
             }
             Backend::Socket(s) => match s.writable_client() {
-                None => out.clear(),
+                None => discard(out),
                 Some(client) => {
                     if let Err(e) = backend::flush_with(out, |d| backend::send(&client.stream, d)) {
                         log::debug!("virtio-console: console client write failed: {e}");
@@ -692,6 +722,7 @@ impl Console {
                 &active.mem,
                 &mut self.scratch,
                 &mut bytes_budget,
+                &mut port.stats,
             ) {
                 TxProgress::Done(Some(e)) => {
                     if let Some(n) = self.io_errors.hit() {
@@ -995,10 +1026,8 @@ fn send_chain(
     mem: &GuestMemoryMmap,
     scratch: &mut [u8],
     budget: &mut usize,
+    stats: &mut PortStats,
 ) -> TxProgress {
-    let Some(client) = client else {
-        return TxProgress::Done(None);
-    };
     let mut offset = pending.offset;
     // One reader for the whole call: building one walks the chain, so not once per chunk.
     let Ok(mut reader) = pending.chain.clone().reader(mem) else {
@@ -1010,9 +1039,14 @@ fn send_chain(
             Err(_) => return TxProgress::Done(None),
         };
     }
+    // What is not sent when the chain is done with is dropped.
+    let mut unsent = reader.available_bytes() as u64;
+    let Some(client) = client else {
+        return stats.done(unsent, None);
+    };
     loop {
         let n = match reader.read(scratch) {
-            Ok(0) | Err(_) => return TxProgress::Done(None),
+            Ok(0) | Err(_) => return stats.done(unsent, None),
             Ok(n) => n,
         };
         let mut sent = 0;
@@ -1020,16 +1054,20 @@ fn send_chain(
             match backend::send(&client.stream, &scratch[sent..n]) {
                 Ok(0) => {
                     client.write_broken = true;
-                    return TxProgress::Done(Some(io::ErrorKind::WriteZero.into()));
+                    return stats.done(unsent, Some(io::ErrorKind::WriteZero.into()));
                 }
-                Ok(k) => sent += k,
+                Ok(k) => {
+                    sent += k;
+                    unsent = unsent.saturating_sub(k as u64);
+                    stats.from_guest = stats.from_guest.saturating_add(k as u64);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     return TxProgress::Blocked(offset + sent)
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     client.write_broken = true;
-                    return TxProgress::Done(Some(e));
+                    return stats.done(unsent, Some(e));
                 }
             }
         }
@@ -1108,6 +1146,27 @@ fn check_port_name(name: &str) -> Result<(), ConsoleError> {
         name: name.to_string(),
         reason,
     })
+}
+
+impl Console {
+    /// Each port's counters, port 0 as "console".
+    fn port_counters(&self) -> Vec<(String, Counters)> {
+        self.ports
+            .iter()
+            .map(|port| {
+                let refused = match &port.backend {
+                    Backend::Sink(sink) => sink.refused(),
+                    _ => 0,
+                };
+                let counters = vec![
+                    ("bytes_to_guest", port.stats.to_guest),
+                    ("bytes_from_guest", port.stats.from_guest),
+                    ("bytes_dropped", port.stats.dropped.saturating_add(refused)),
+                ];
+                (port.label().to_string(), counters)
+            })
+            .collect()
+    }
 }
 
 impl VirtioDevice for Console {
@@ -1189,6 +1248,16 @@ impl VirtioDevice for Console {
             notify,
         });
         self.activate_evt.write(1).map_err(ActivateError::Wake)
+    }
+
+    fn counters(&self) -> DeviceCounters {
+        DeviceCounters {
+            counters: vec![
+                ("bad_chains", self.bad_chain.count()),
+                ("bad_control", self.bad_control.count()),
+            ],
+            ports: self.port_counters(),
+        }
     }
 
     fn reset(&mut self) -> bool {

@@ -54,7 +54,7 @@ fn slot_addr(q: usize, slot: u16) -> u64 {
 struct Driver<'a> {
     mem: &'a GuestMemoryMmap,
     count: usize,
-    kicks: Vec<Arc<EventFd>>,
+    kicks: Vec<Arc<QueueNotify>>,
     /// Free descriptor indices per queue.
     free: Vec<Vec<u16>>,
     /// Descriptors of each posted chain, by (queue, head), freed when the chain is used.
@@ -88,7 +88,7 @@ impl<'a> Driver<'a> {
         self.kicks.clear();
         (0..self.count)
             .map(|q| {
-                let notify = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+                let notify = Arc::new(QueueNotify::new().unwrap());
                 self.kicks.push(notify.clone());
                 let (desc, avail, used) = ring_addrs(q);
                 let mut queue = Queue::new(QUEUE_LEN).unwrap();
@@ -692,6 +692,7 @@ fn guest_output_without_client_is_consumed() {
     driver.kick(tx);
     h.pump();
     assert_eq!(driver.used(tx).len(), 1);
+    assert_eq!(port_counters(&h, "agent"), [17, 0, 17]);
     // A client that connects later starts a clean session.
     let mut client = h.connect("agent");
     driver.post_tx(tx, b"hello");
@@ -700,6 +701,23 @@ fn guest_output_without_client_is_consumed() {
     let mut buf = [0u8; 64];
     let n = client.read(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"hello");
+    assert_eq!(port_counters(&h, "agent"), [22, 0, 17]);
+}
+
+/// A port's (bytes_from_guest, bytes_to_guest, bytes_dropped), from the device's metrics.
+fn port_counters(h: &Harness, port: &str) -> [u64; 3] {
+    let counters = h.dev().counters();
+    let (_, counters) = counters
+        .ports
+        .iter()
+        .find(|(name, _)| name == port)
+        .expect("the port has counters");
+    let get = |name| counters.iter().find(|(n, _)| *n == name).unwrap().1;
+    [
+        get("bytes_from_guest"),
+        get("bytes_to_guest"),
+        get("bytes_dropped"),
+    ]
 }
 
 #[test]
@@ -717,6 +735,8 @@ fn console_output_is_dropped_without_listener() {
     h.pump();
     assert_eq!(driver.used(tx).len(), usize::from(QUEUE_LEN));
     assert!(h.dev().ports[0].out_buf.is_empty());
+    let offered = u64::from(QUEUE_LEN) * 256 * 1024;
+    assert_eq!(port_counters(&h, "console"), [offered, 0, offered]);
 
     // With a listener, output reaches it; input goes to port 0's rx queue once the guest
     // opened it (Linux does right after CONSOLE_PORT).
@@ -734,6 +754,7 @@ fn console_output_is_dropped_without_listener() {
     driver.kick(rx_queue(0));
     h.pump();
     assert_eq!(driver.received(rx_queue(0)), vec![b"root\n".to_vec()]);
+    assert_eq!(port_counters(&h, "console"), [offered + 7, 5, offered]);
 
     // A console client leaving sends no control message (port 0 stays open).
     drop(client);

@@ -13,13 +13,12 @@ use virtio_bindings::virtio_net as vn;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::vhost::tests::Recorder;
 use super::vhost::VhostNetBackend;
 use super::*;
 use crate::virtio::test_util::{desc, used, CountingInterrupt};
-use crate::virtio::{ActivatedQueue, Unconfined, VirtioDevice};
+use crate::virtio::{ActivatedQueue, QueueNotify, Unconfined, VirtioDevice};
 
 const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
 const MEM_SIZE: usize = 32 << 20;
@@ -188,9 +187,9 @@ struct Driver {
     ctrl: Mock,
     net: Net,
     irq: Arc<CountingInterrupt>,
-    rx_kick: EventFd,
-    tx_kick: EventFd,
-    ctrl_kick: EventFd,
+    rx_kick: Arc<QueueNotify>,
+    tx_kick: Arc<QueueNotify>,
+    ctrl_kick: Arc<QueueNotify>,
 }
 
 impl Driver {
@@ -208,12 +207,13 @@ impl Driver {
             .collect();
         rx.add_desc_chains(&descs, 0).unwrap();
         let irq = Arc::new(CountingInterrupt::default());
-        let kick = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let kick = || Arc::new(QueueNotify::new().unwrap());
         let (rx_kick, tx_kick, ctrl_kick) = (kick(), kick(), kick());
-        let activated = |q: &MockSplitQueue<GuestMemoryMmap>, fd: &EventFd| ActivatedQueue {
-            queue: q.create_queue().unwrap(),
-            notify: Arc::new(fd.try_clone().unwrap()),
-        };
+        let activated =
+            |q: &MockSplitQueue<GuestMemoryMmap>, fd: &Arc<QueueNotify>| ActivatedQueue {
+                queue: q.create_queue().unwrap(),
+                notify: fd.clone(),
+            };
         net.activate(
             mem.clone(),
             irq.clone(),
@@ -307,6 +307,17 @@ fn frames_both_ways() {
         assert_eq!(&data[10..12], &1u16.to_le_bytes(), "num_buffers");
         assert_eq!(&data[12..], &frame[..]);
         assert!(d.irq.0.load(Ordering::SeqCst) >= 2);
+        // The metrics saw both frames (the host may send the tap more: ours is at least one)
+        // and the guest's tx kick.
+        let counters = d.net.counters().counters;
+        let get = |name| counters.iter().find(|(n, _)| *n == name).unwrap().1;
+        assert_eq!((get("tx_frames"), get("tx_bytes")), (1, 200));
+        assert!(
+            get("rx_frames") >= 1 && get("rx_bytes") >= 300,
+            "{counters:?}"
+        );
+        assert_eq!((get("tx_errors"), get("tx_bad_chains")), (0, 0));
+        assert_eq!(d.tx_kick.kicks(), 1);
     });
 }
 
@@ -455,6 +466,10 @@ fn malformed_chains_complete_empty_and_the_device_goes_on() {
         assert_eq!(used(rx, 0), (0, 0));
         assert_eq!(used(rx, 1), (1, 0));
         assert_eq!(used(rx, 2), (2, 12 + 64));
+        let counters = d.net.counters().counters;
+        let get = |name| counters.iter().find(|(n, _)| *n == name).unwrap().1;
+        assert_eq!((get("tx_bad_chains"), get("tx_frames")), (4, 1));
+        assert_eq!(get("rx_bad_chains"), 2);
     });
 }
 
@@ -671,7 +686,7 @@ fn vhost_setup_and_teardown_sequence() {
         let (rx, tx, ctrl) = (queue(RX_RING), queue(TX_RING), queue(CTRL_RING));
         let activated = |q: &MockSplitQueue<GuestMemoryMmap>| ActivatedQueue {
             queue: q.create_queue().unwrap(),
-            notify: Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
+            notify: Arc::new(QueueNotify::new().unwrap()),
         };
         net.activate(
             mem.clone(),
@@ -748,7 +763,7 @@ fn vhost_setup_failure_tears_down() {
             .into_iter()
             .map(|r| ActivatedQueue {
                 queue: queue(r).create_queue().unwrap(),
-                notify: Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
+                notify: Arc::new(QueueNotify::new().unwrap()),
             })
             .collect();
         net.activate(mem.clone(), Arc::new(CountingInterrupt::default()), qs)

@@ -21,6 +21,7 @@ use vmm_sys_util::ioctl::ioctl_with_ref;
 
 use super::tap::Tap;
 use super::worker::PairQueues;
+use crate::virtio::QueueNotify;
 
 pub const VHOST_NET_PATH: &str = "/dev/vhost-net";
 
@@ -240,7 +241,7 @@ struct VhostQueue {
     call: EventFd,
     _err: EventFd,
     /// The guest's kicks (the transport's ioeventfd), read by vhost.
-    _kick: Arc<EventFd>,
+    _kick: Arc<QueueNotify>,
 }
 
 /// The pairs vhost runs, from activation to reset.
@@ -304,7 +305,7 @@ impl VhostSession {
             let err = EventFd::new(libc::EFD_NONBLOCK).map_err(VhostError::EventFd)?;
             backend.set_vring_call(local, &call)?;
             backend.set_vring_err(local, &err)?;
-            backend.set_vring_kick(local, &q.notify)?;
+            backend.set_vring_kick(local, q.notify.eventfd())?;
             self.queues.push(VhostQueue {
                 index: 2 * pair.pair + local,
                 call,

@@ -24,9 +24,11 @@ use vmm_sys_util::eventfd::EventFd;
 use super::ctrl::{self, CtrlContext, RxFilter};
 use super::tap::{Tap, VNET_HDR_LEN};
 use super::vhost::{VhostNetBackend, VhostSession};
-use super::{tap_offloads, NetError, Shared, VIRTIO_RING_F_INDIRECT_DESC};
+use super::{tap_offloads, NetError, NetStats, Shared, VIRTIO_RING_F_INDIRECT_DESC};
 use crate::virtio::chain::{pop_chain, rearm};
-use crate::virtio::{ActivatedQueue, InterruptKind, ThreadConfinement, VirtioInterrupt};
+use crate::virtio::{
+    ActivatedQueue, InterruptKind, QueueNotify, ThreadConfinement, VirtioInterrupt,
+};
 
 /// The largest frame a tap hands over with segmentation offloads on: a 64 KiB GSO packet
 /// plus Ethernet and VLAN headers, after the virtio-net header.
@@ -253,7 +255,7 @@ fn push_iovecs(
 
 struct RxState {
     queue: Queue,
-    kick: Arc<EventFd>,
+    kick: Arc<QueueNotify>,
     index: u16,
     spare: VecDeque<RxChain>,
     spare_capacity: u64,
@@ -267,15 +269,17 @@ struct RxState {
     bad: RateLimit,
     /// VIRTIO_RING_F_INDIRECT_DESC was negotiated.
     indirect: bool,
+    stats: Arc<NetStats>,
 }
 
 struct TxState {
     queue: Queue,
-    kick: Arc<EventFd>,
+    kick: Arc<QueueNotify>,
     index: u16,
     iov: Vec<libc::iovec>,
     bad: RateLimit,
     io_errors: RateLimit,
+    stats: Arc<NetStats>,
 }
 
 struct Active {
@@ -284,7 +288,7 @@ struct Active {
     acked_features: u64,
     rx: Option<RxState>,
     tx: Option<TxState>,
-    ctrl: Option<(Queue, Arc<EventFd>, u16)>,
+    ctrl: Option<(Queue, Arc<QueueNotify>, u16)>,
     vhost: Option<VhostSession>,
     /// Work left after a budget ran out: poll again without sleeping.
     more: bool,
@@ -346,22 +350,12 @@ impl Worker {
             let mut kick_rx = more;
             let mut kick_tx = more;
             let mut kick_ctrl = false;
+            let mut commands = false;
             for event in &events[..n] {
                 match event.data() {
-                    TOKEN_MAILBOX => {
-                        let _ = self.mailbox.wake.read();
-                        while let Some(command) = self.mailbox.take() {
-                            let exit = matches!(command, Command::Exit);
-                            self.apply(command, &epoll);
-                            self.mailbox.complete();
-                            if exit {
-                                return Ok(());
-                            }
-                        }
-                        kick_rx = true;
-                        kick_tx = true;
-                        kick_ctrl = true;
-                    }
+                    // After the kicks of this batch: a kick the guest sent before a pause is
+                    // read (and counted) before the pause completes, never after.
+                    TOKEN_MAILBOX => commands = true,
                     TOKEN_TAP => kick_rx = true,
                     TOKEN_RX_KICK => {
                         if let Some(rx) = self.active.as_mut().and_then(|a| a.rx.as_mut()) {
@@ -395,6 +389,20 @@ impl Worker {
                     }
                     _ => {}
                 }
+            }
+            if commands {
+                let _ = self.mailbox.wake.read();
+                while let Some(command) = self.mailbox.take() {
+                    let exit = matches!(command, Command::Exit);
+                    self.apply(command, &epoll);
+                    self.mailbox.complete();
+                    if exit {
+                        return Ok(());
+                    }
+                }
+                kick_rx = true;
+                kick_tx = true;
+                kick_ctrl = true;
             }
             self.serve(kick_tx, kick_rx, kick_ctrl);
         }
@@ -536,6 +544,7 @@ impl Worker {
                     iov: Vec::new(),
                     bad: RateLimit::default(),
                     indirect: acked_features & VIRTIO_RING_F_INDIRECT_DESC != 0,
+                    stats: self.shared.stats.clone(),
                 });
                 active.tx = Some(TxState {
                     queue: tx.queue,
@@ -544,6 +553,7 @@ impl Worker {
                     iov: Vec::new(),
                     bad: RateLimit::default(),
                     io_errors: RateLimit::default(),
+                    stats: self.shared.stats.clone(),
                 });
             }
         }
@@ -646,6 +656,7 @@ impl Active {
                     }
                 }
                 if !valid || total < VNET_HDR_LEN || total as u64 > MAX_GSO_FRAME {
+                    NetStats::add(&tx.stats.tx_bad_chains, 1);
                     if let Some(n) = tx.bad.hit() {
                         log::warn!("virtio-net: malformed tx chain dropped ({n} so far)");
                     }
@@ -656,6 +667,7 @@ impl Active {
                         libc::writev(tap.as_raw_fd(), tx.iov.as_ptr(), tx.iov.len() as i32)
                     };
                     if ret < 0 {
+                        NetStats::add(&tx.stats.tx_errors, 1);
                         if let Some(n) = tx.io_errors.hit() {
                             log::warn!(
                                 "virtio-net: tap {}: write: {} ({n} frames dropped)",
@@ -663,6 +675,9 @@ impl Active {
                                 std::io::Error::last_os_error()
                             );
                         }
+                    } else {
+                        NetStats::add(&tx.stats.tx_frames, 1);
+                        NetStats::add(&tx.stats.tx_bytes, (total - VNET_HDR_LEN) as u64);
                     }
                 }
                 if tx.queue.add_used(mem, head, 0).is_err() {
@@ -723,7 +738,10 @@ impl Active {
                     budget_spent = false;
                     break;
                 }
-                used |= matches!(rx.deliver_pending(mem), Receive::Frame);
+                match rx.deliver_pending(mem) {
+                    Receive::Frame => used = true,
+                    _ => NetStats::add(&rx.stats.rx_dropped, 1),
+                }
                 continue;
             }
             // Mergeable: enough chains for the largest frame; otherwise one (big) chain.
@@ -745,7 +763,7 @@ impl Active {
             };
             match received {
                 Receive::Frame => used = true,
-                Receive::Dropped => {}
+                Receive::Dropped => NetStats::add(&rx.stats.rx_dropped, 1),
                 Receive::Empty => {
                     budget_spent = false;
                     break;
@@ -798,6 +816,7 @@ impl RxState {
                 entry.capacity += len as u64;
             }
             if !valid || entry.capacity < VNET_HDR_LEN as u64 {
+                NetStats::add(&self.stats.rx_bad_chains, 1);
                 if let Some(n) = self.bad.hit() {
                     log::warn!("virtio-net: malformed rx chain returned empty ({n} so far)");
                 }
@@ -881,6 +900,7 @@ impl RxState {
             return true;
         }
         self.starved = true;
+        NetStats::add(&self.stats.rx_no_buffer, 1);
         false
     }
 
@@ -916,6 +936,8 @@ impl RxState {
         for (chain, len) in taken {
             let _ = self.queue.add_used(mem, chain.head, len);
         }
+        NetStats::add(&self.stats.rx_frames, 1);
+        NetStats::add(&self.stats.rx_bytes, n - VNET_HDR_LEN as u64);
         Receive::Frame
     }
 

@@ -11,14 +11,14 @@ use std::time::Duration;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::server::ServerOptions;
 use super::server::{Ownership, MAX_MSIZE};
 use super::wire::*;
 use super::{P9Error, P9};
 use crate::virtio::{
-    ActivatedQueue, InterruptKind, ThreadConfinement, Unconfined, VirtioDevice, VirtioInterrupt,
+    ActivatedQueue, InterruptKind, QueueNotify, ThreadConfinement, Unconfined, VirtioDevice,
+    VirtioInterrupt,
 };
 
 const DESC: u64 = 0x1000;
@@ -76,7 +76,7 @@ impl FakeDriver {
         queue.set_used_ring_address(Some(USED as u32), Some(0));
         queue.set_ready(true);
         let interrupt = Arc::new(WaitingInterrupt::default());
-        let notify = EventFd::new(libc::EFD_NONBLOCK).map_err(P9Error::EventFd)?;
+        let notify = QueueNotify::new().map_err(P9Error::EventFd)?;
         device
             .activate(
                 mem.clone(),

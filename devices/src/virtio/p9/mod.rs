@@ -22,6 +22,7 @@ pub mod wire;
 use std::collections::{BTreeSet, HashMap};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -36,10 +37,10 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use self::server::{Server, ServerOptions, MAX_MSIZE};
-use self::wire::{encode_error, HEADER_SIZE, TFLUSH};
+use self::wire::{encode_error, HEADER_SIZE, RLERROR, TFLUSH, TREAD, TWRITE};
 use super::{
-    ActivateError, ActivatedQueue, InterruptKind, ThreadConfinement, VirtioDevice, VirtioInterrupt,
-    TYPE_9P, VIRTIO_F_VERSION_1,
+    ActivateError, ActivatedQueue, Counters, DeviceCounters, InterruptKind, QueueNotify,
+    ThreadConfinement, VirtioDevice, VirtioInterrupt, TYPE_9P, VIRTIO_F_VERSION_1,
 };
 
 pub use self::server::Ownership;
@@ -97,8 +98,52 @@ impl State {
     }
 }
 
+/// The workers' counters: relaxed atomics, so the metrics never wait on a worker (nor on the
+/// state lock).
+#[derive(Default)]
+struct P9Stats {
+    requests: AtomicU64,
+    /// Requests answered with an Rlerror, or with nothing (no room for a reply).
+    errors: AtomicU64,
+    /// Data bytes of Rread replies, and those Twrite wrote.
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+}
+
+impl P9Stats {
+    /// Counts one request by its reply (the first `written` bytes of `reply`).
+    fn count(&self, reply: &[u8], written: u32) {
+        let add = |counter: &AtomicU64, n: u64| {
+            counter.fetch_add(n, Ordering::Relaxed);
+        };
+        add(&self.requests, 1);
+        let reply = reply.get(..written as usize).unwrap_or_default();
+        let count = || {
+            reply.get(HEADER_SIZE..HEADER_SIZE + 4).map_or(0, |c| {
+                u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            })
+        };
+        match reply.get(4).copied() {
+            None | Some(RLERROR) => add(&self.errors, 1),
+            Some(kind) if kind == TREAD + 1 => add(&self.bytes_read, count()),
+            Some(kind) if kind == TWRITE + 1 => add(&self.bytes_written, count()),
+            Some(_) => {}
+        }
+    }
+
+    fn counters(&self) -> Counters {
+        super::load_counters(&[
+            ("requests", &self.requests),
+            ("errors", &self.errors),
+            ("bytes_read", &self.bytes_read),
+            ("bytes_written", &self.bytes_written),
+        ])
+    }
+}
+
 struct Shared {
     server: Server,
+    stats: P9Stats,
     state: Mutex<State>,
     /// Signalled on kicks, activation, resume and stop (for workers), and when a request
     /// completes (for pause and reset, which wait for `in_flight` to drain).
@@ -117,10 +162,10 @@ pub struct P9 {
     workers: Vec<JoinHandle<()>>,
     /// Written by activate/reset (vCPU thread) for the event loop side.
     wake: EventFd,
-    notify: Option<Arc<EventFd>>,
+    notify: Option<Arc<QueueNotify>>,
     notify_watched: bool,
     /// Notify eventfds of a reset device, still in epoll until the event loop removes them.
-    retired: Vec<Arc<EventFd>>,
+    retired: Vec<Arc<QueueNotify>>,
 }
 
 /// Limits the calling thread's filesystem access to `export` (Landlock, best effort up to the
@@ -168,6 +213,7 @@ impl P9 {
         })?;
         let shared = Arc::new(Shared {
             server,
+            stats: P9Stats::default(),
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
         });
@@ -285,6 +331,7 @@ fn serve(shared: &Shared) {
             request_tag,
             &mut reply,
         );
+        shared.stats.count(&reply, written);
 
         state = shared.state();
         state.in_flight -= 1;
@@ -417,6 +464,13 @@ impl MutEventSubscriber for P9 {
 impl VirtioDevice for P9 {
     fn device_type(&self) -> u32 {
         TYPE_9P
+    }
+
+    fn counters(&self) -> DeviceCounters {
+        DeviceCounters {
+            counters: self.shared.stats.counters(),
+            ports: Vec::new(),
+        }
     }
 
     fn queue_max_sizes(&self) -> &[u16] {

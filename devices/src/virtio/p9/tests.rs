@@ -750,3 +750,25 @@ fn passthrough_applies_the_guest_ids_and_none_keeps_ours() {
     let vmm = fs::metadata(&export).unwrap();
     assert_eq!((ours.uid(), ours.gid()), (vmm.uid(), vmm.gid()));
 }
+
+#[test]
+fn counters_follow_the_requests() {
+    let scratch = Scratch::new("counters");
+    let mut c = Client::new(&scratch.export(), false);
+    let counters = |c: &Client| -> Vec<u64> {
+        let counters = c.driver.device.counters().counters;
+        let names: Vec<_> = counters.iter().map(|(name, _)| *name).collect();
+        assert_eq!(names, ["requests", "errors", "bytes_read", "bytes_written"]);
+        counters.iter().map(|(_, value)| *value).collect()
+    };
+    let before = counters(&c);
+    let f = c.create(&[], b"file", 0o600).unwrap();
+    assert_eq!(c.write(f, 0, b"hello world").unwrap(), 11);
+    assert_eq!(c.read(f, 0, 100).unwrap(), b"hello world");
+    assert_eq!(c.read(f, 6, 3).unwrap(), b"wor");
+    assert_eq!(c.open(&[b"missing"], O_RDONLY), Err(libc::ENOENT as u32));
+    let after = counters(&c);
+    let delta: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    assert!(delta[0] >= 5, "requests {delta:?}");
+    assert_eq!(delta[1..], [1, 14, 11], "errors, bytes read and written");
+}

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use devices::virtio::console::{Console, ConsoleOutput, NamedPort, VIRTIO_CONSOLE_F_MULTIPORT};
 use devices::virtio::rng::{Rng, DEFAULT_SOURCE};
 use devices::virtio::{
-    ActivatedQueue, InterruptKind, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    ActivatedQueue, InterruptKind, QueueNotify, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use virtio_queue::{Queue, QueueT};
@@ -222,7 +222,7 @@ pub(crate) struct DriverQueue {
     last_used: Wrapping<u16>,
     /// Buffers the device does not hold.
     free: Vec<u16>,
-    kick: EventFd,
+    kick: Arc<QueueNotify>,
     irq: EventFd,
     kicks: u64,
     irqs: u64,
@@ -250,9 +250,8 @@ impl DriverQueue {
         // Rings start empty: avail/used flags and indices 0 (the mapping is fresh, but say so).
         mem.write_slice(&[0u8; 0x3000], GuestAddress(ring))
             .map_err(mem_err("clearing a ring"))?;
-        let notify = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
-        let kick = notify.try_clone().map_err(|e| format!("eventfd: {e}"))?;
-        let notify = Arc::new(notify);
+        let notify = Arc::new(QueueNotify::new().map_err(|e| format!("eventfd: {e}"))?);
+        let kick = notify.clone();
         let driver = DriverQueue {
             size,
             desc: GuestAddress(desc),
