@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::bootparam::setup_header;
-use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader};
+use linux_loader::loader::{load_cmdline, BzImage, KernelLoader};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 mod elf;
@@ -53,10 +53,17 @@ pub enum LoadError {
     No64BitEntry(PathBuf),
     #[error("initrd {path} is {size} bytes, but only {room} bytes of guest memory are free above the kernel: give the VM more --memory")]
     InitrdTooLarge { path: PathBuf, size: u64, room: u64 },
-    #[error("cannot copy initrd {path} into guest memory: {source}")]
-    InitrdCopy {
+    #[error("cannot copy {what} {path} into guest memory: {source}")]
+    Copy {
+        what: &'static str,
         path: PathBuf,
         source: vm_memory::GuestMemoryError,
+    },
+    #[error("cannot map {what} {path} into guest memory: {source}")]
+    Map {
+        what: &'static str,
+        path: PathBuf,
+        source: memory::MapError,
     },
     #[error("invalid kernel command line: {0}")]
     Cmdline(String),
@@ -112,28 +119,23 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, L
     let himem = Some(GuestAddress(layout::HIMEM_START));
     match format {
         KernelFormat::Elf => {
-            let size = file
-                .metadata()
-                .map_err(|source| LoadError::Read {
-                    what: "kernel",
+            let size = file_size(&file, "kernel", path)?;
+            let ram = mem.last_addr().0.saturating_add(1);
+            let checked = elf::check(&file, size, ram, layout::HIMEM_START).map_err(|source| {
+                LoadError::Elf {
                     path: path.into(),
                     source,
-                })?
-                .len();
-            let ram = mem.last_addr().0.saturating_add(1);
-            let segments = elf::check(&file, size, ram).map_err(|source| LoadError::Elf {
-                path: path.into(),
-                source,
-            })?;
-            for (addr, len) in segments {
-                if let Ok(len) = usize::try_from(len) {
-                    memory::prefault(mem, GuestAddress(addr), len);
                 }
+            })?;
+            let map = mappable(&file, path);
+            let mut end = 0;
+            for seg in &checked.segments {
+                place(mem, &mut file, "kernel", path, seg.offset, seg.paddr, seg.filesz, map)?;
+                end = end.max(seg.paddr.saturating_add(seg.memsz));
             }
-            let result = Elf::load(mem, None, &mut file, himem).map_err(loader_error)?;
             Ok(LoadedKernel {
-                entry: result.kernel_load,
-                end: GuestAddress(result.kernel_end),
+                entry: GuestAddress(checked.entry),
+                end: GuestAddress(end),
                 setup_header: None,
             })
         }
@@ -152,6 +154,162 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, L
             })
         }
     }
+}
+
+fn file_size(file: &File, what: &'static str, path: &Path) -> Result<u64, LoadError> {
+    file.metadata()
+        .map(|m| m.len())
+        .map_err(|source| LoadError::Read {
+            what,
+            path: path.into(),
+            source,
+        })
+}
+
+/// Filesystems whose files change only through this host's VFS, where the checks below hold.
+/// A network or FUSE filesystem can change a file behind the page cache's back.
+const LOCAL_FILESYSTEMS: [i64; 6] = [
+    0xEF53,      // ext2/3/4
+    0x5846_5342, // xfs
+    0x9123_683E, // btrfs
+    0x0102_1994, // tmpfs
+    0xF2F5_2010, // f2fs
+    0x794C_7630, // overlayfs (its layers are local directories of this host)
+];
+
+/// Whether a kernel or initrd may be mapped into the guest instead of copied.
+///
+/// A private mapping keeps reading the file for every page the guest has not written yet, and
+/// a truncation removes even the pages it has written (POSIX: a private mapping beyond EOF is
+/// SIGBUS). So a file rewritten in place while the VM runs would change or end it: the guest
+/// would run a mix of two kernels, KVM_RUN would fail with EFAULT, or a device thread reading
+/// such a page would take SIGBUS and end the process. That is the contract pmem images already
+/// have, and that executables and shared libraries have: replace the file by a rename (as
+/// package managers do), never rewrite it in place. It is acceptable only if no one but a
+/// principal who can already end the VMM can rewrite the file, so a file is mapped only when
+///   - it is owned by root or by our effective uid (both can kill us anyway),
+///   - neither its group nor others may write it (with POSIX ACLs the group bits are the
+///     mask, which bounds every named entry), and
+///   - it lives on a local filesystem (a network or FUSE file can change under the page cache).
+/// Otherwise it is copied, as before. The kernel's code is the guest's anyway, so whoever can
+/// write the file gains nothing over the guest they did not have; the mapping only adds that
+/// the page cache of one kernel is shared by every VM booted from it.
+fn mappable(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = file.metadata() else {
+        return false;
+    };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let owner_ok = meta.uid() == 0 || meta.uid() == euid;
+    let others_cannot_write = meta.mode() & 0o022 == 0;
+    // SAFETY: fstatfs writes only the struct we pass, which lives for the call; a zeroed
+    // struct statfs is a valid value.
+    let fs_type = unsafe {
+        let mut fs: libc::statfs = std::mem::zeroed();
+        if libc::fstatfs(std::os::fd::AsRawFd::as_raw_fd(file), &mut fs) != 0 {
+            return false;
+        }
+        i64::from(fs.f_type)
+    };
+    let local = LOCAL_FILESYSTEMS.contains(&fs_type);
+    let map = owner_ok && others_cannot_write && local;
+    if !map {
+        log::debug!(
+            "{}: copied, not mapped (owner uid {} {}, mode {:o}, filesystem {fs_type:#x} {})",
+            path.display(),
+            meta.uid(),
+            if owner_ok { "ok" } else { "is neither root nor us" },
+            meta.mode() & 0o7777,
+            if local { "local" } else { "not known to be local" },
+        );
+    }
+    map
+}
+
+/// Puts `len` bytes of `file` from `offset` at guest address `addr`. With `map`, the whole
+/// pages in the range are mapped from the file (`memory::map_file_private`) when `offset` and
+/// `addr` lie at the same place in a page; the partial pages at either end are copied, so the
+/// bytes around the range stay as they were (zeros, or a neighbouring segment's). Everything
+/// else is copied.
+#[allow(clippy::too_many_arguments)]
+fn place(
+    mem: &GuestMemoryMmap,
+    file: &mut File,
+    what: &'static str,
+    path: &Path,
+    offset: u64,
+    addr: u64,
+    len: u64,
+    map: bool,
+) -> Result<(), LoadError> {
+    let end = addr.checked_add(len).ok_or_else(|| LoadError::Copy {
+        what,
+        path: path.into(),
+        source: vm_memory::GuestMemoryError::InvalidGuestAddress(GuestAddress(addr)),
+    })?;
+    let (mut head_end, mut tail_start) = (end, end);
+    if map && offset % PAGE_SIZE == addr % PAGE_SIZE {
+        let first = addr.next_multiple_of(PAGE_SIZE).min(end);
+        let last = end - end % PAGE_SIZE;
+        if last > first {
+            let map_error = |source| LoadError::Map {
+                what,
+                path: path.into(),
+                source,
+            };
+            // A range beyond RAM fails here, like the copy would.
+            let pages = usize::try_from(last - first)
+                .map_err(|_| map_error(memory::MapError::OutsideRam { addr: first, len: 0 }))?;
+            memory::map_file_private(mem, GuestAddress(first), file, offset + (first - addr), pages)
+                .map_err(map_error)?;
+            (head_end, tail_start) = (first, last);
+        }
+    }
+    copy(mem, file, what, path, offset, addr, head_end - addr)?;
+    copy(
+        mem,
+        file,
+        what,
+        path,
+        offset + (tail_start - addr),
+        tail_start,
+        end - tail_start,
+    )
+}
+
+/// Copies `len` bytes of `file` from `offset` to guest address `addr`.
+fn copy(
+    mem: &GuestMemoryMmap,
+    file: &mut File,
+    what: &'static str,
+    path: &Path,
+    offset: u64,
+    addr: u64,
+    len: u64,
+) -> Result<(), LoadError> {
+    if len == 0 {
+        return Ok(());
+    }
+    let copy_error = |source| LoadError::Copy {
+        what,
+        path: path.into(),
+        source,
+    };
+    let len = usize::try_from(len).map_err(|_| {
+        copy_error(vm_memory::GuestMemoryError::InvalidGuestAddress(
+            GuestAddress(addr),
+        ))
+    })?;
+    file.seek(SeekFrom::Start(offset))
+        .map_err(|source| LoadError::Read {
+            what,
+            path: path.into(),
+            source,
+        })?;
+    memory::prefault(mem, GuestAddress(addr), len);
+    mem.read_exact_volatile_from(GuestAddress(addr), file, len)
+        .map_err(copy_error)
 }
 
 /// Where an initrd of `size` bytes goes: as high as possible in low RAM (below the kernel's
@@ -173,14 +331,7 @@ pub fn load_initrd(
     kernel: &LoadedKernel,
 ) -> Result<(GuestAddress, u64), LoadError> {
     let mut file = open_regular("initrd", path, Access::Read)?;
-    let size = file
-        .metadata()
-        .map_err(|source| LoadError::Read {
-            what: "initrd",
-            path: path.into(),
-            source,
-        })?
-        .len();
+    let size = file_size(&file, "initrd", path)?;
     let low_ram_end = mem.last_addr().0.min(layout::MMIO_HOLE_START - 1) + 1;
     let addr_max = kernel
         .setup_header
@@ -192,12 +343,8 @@ pub fn load_initrd(
             room: low_ram_end.saturating_sub(kernel.end.0),
         }
     })?;
-    memory::prefault(mem, addr, size as usize);
-    mem.read_exact_volatile_from(addr, &mut file, size as usize)
-        .map_err(|source| LoadError::InitrdCopy {
-            path: path.into(),
-            source,
-        })?;
+    let map = mappable(&file, path);
+    place(mem, &mut file, "initrd", path, 0, addr.0, size, map)?;
     Ok((addr, size))
 }
 
