@@ -119,25 +119,8 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, L
     let himem = Some(GuestAddress(layout::HIMEM_START));
     match format {
         KernelFormat::Elf => {
-            let size = file_size(&file, "kernel", path)?;
-            let ram = mem.last_addr().0.saturating_add(1);
-            let checked = elf::check(&file, size, ram, layout::HIMEM_START).map_err(|source| {
-                LoadError::Elf {
-                    path: path.into(),
-                    source,
-                }
-            })?;
             let map = mappable(&file, path);
-            let mut end = 0;
-            for seg in &checked.segments {
-                place(mem, &mut file, "kernel", path, seg.offset, seg.paddr, seg.filesz, map)?;
-                end = end.max(seg.paddr.saturating_add(seg.memsz));
-            }
-            Ok(LoadedKernel {
-                entry: GuestAddress(checked.entry),
-                end: GuestAddress(end),
-                setup_header: None,
-            })
+            load_elf(mem, &mut file, path, map)
         }
         KernelFormat::BzImage => {
             let result = BzImage::load(mem, None, &mut file, himem).map_err(loader_error)?;
@@ -191,6 +174,7 @@ const LOCAL_FILESYSTEMS: [i64; 6] = [
 ///   - neither its group nor others may write it (with POSIX ACLs the group bits are the
 ///     mask, which bounds every named entry), and
 ///   - it lives on a local filesystem (a network or FUSE file can change under the page cache).
+///
 /// Otherwise it is copied, as before. The kernel's code is the guest's anyway, so whoever can
 /// write the file gains nothing over the guest they did not have; the mapping only adds that
 /// the page cache of one kernel is shared by every VM booted from it.
@@ -210,7 +194,7 @@ fn mappable(file: &File, path: &Path) -> bool {
         if libc::fstatfs(std::os::fd::AsRawFd::as_raw_fd(file), &mut fs) != 0 {
             return false;
         }
-        i64::from(fs.f_type)
+        fs.f_type
     };
     let local = LOCAL_FILESYSTEMS.contains(&fs_type);
     let map = owner_ok && others_cannot_write && local;
@@ -219,9 +203,17 @@ fn mappable(file: &File, path: &Path) -> bool {
             "{}: copied, not mapped (owner uid {} {}, mode {:o}, filesystem {fs_type:#x} {})",
             path.display(),
             meta.uid(),
-            if owner_ok { "ok" } else { "is neither root nor us" },
+            if owner_ok {
+                "ok"
+            } else {
+                "is neither root nor us"
+            },
             meta.mode() & 0o7777,
-            if local { "local" } else { "not known to be local" },
+            if local {
+                "local"
+            } else {
+                "not known to be local"
+            },
         );
     }
     map
@@ -231,7 +223,7 @@ fn mappable(file: &File, path: &Path) -> bool {
 /// pages in the range are mapped from the file (`memory::map_file_private`) when `offset` and
 /// `addr` lie at the same place in a page; the partial pages at either end are copied, so the
 /// bytes around the range stay as they were (zeros, or a neighbouring segment's). Everything
-/// else is copied.
+/// else is copied. Returns how many bytes were mapped.
 #[allow(clippy::too_many_arguments)]
 fn place(
     mem: &GuestMemoryMmap,
@@ -242,7 +234,7 @@ fn place(
     addr: u64,
     len: u64,
     map: bool,
-) -> Result<(), LoadError> {
+) -> Result<u64, LoadError> {
     let end = addr.checked_add(len).ok_or_else(|| LoadError::Copy {
         what,
         path: path.into(),
@@ -259,10 +251,20 @@ fn place(
                 source,
             };
             // A range beyond RAM fails here, like the copy would.
-            let pages = usize::try_from(last - first)
-                .map_err(|_| map_error(memory::MapError::OutsideRam { addr: first, len: 0 }))?;
-            memory::map_file_private(mem, GuestAddress(first), file, offset + (first - addr), pages)
-                .map_err(map_error)?;
+            let pages = usize::try_from(last - first).map_err(|_| {
+                map_error(memory::MapError::OutsideRam {
+                    addr: first,
+                    len: 0,
+                })
+            })?;
+            memory::map_file_private(
+                mem,
+                GuestAddress(first),
+                file,
+                offset + (first - addr),
+                pages,
+            )
+            .map_err(map_error)?;
             (head_end, tail_start) = (first, last);
         }
     }
@@ -275,7 +277,8 @@ fn place(
         offset + (tail_start - addr),
         tail_start,
         end - tail_start,
-    )
+    )?;
+    Ok(tail_start - head_end)
 }
 
 /// Copies `len` bytes of `file` from `offset` to guest address `addr`.
@@ -312,6 +315,37 @@ fn copy(
         .map_err(copy_error)
 }
 
+/// Loads the checked ELF kernel in `file`: each PT_LOAD segment's file bytes at its physical
+/// address (mapped where `map` allows, see `place`); the rest of each segment (its bss) is
+/// fresh guest RAM, hence zeros.
+fn load_elf(
+    mem: &GuestMemoryMmap,
+    file: &mut File,
+    path: &Path,
+    map: bool,
+) -> Result<LoadedKernel, LoadError> {
+    let size = file_size(file, "kernel", path)?;
+    let ram = mem.last_addr().0.saturating_add(1);
+    let checked =
+        elf::check(file, size, ram, layout::HIMEM_START).map_err(|source| LoadError::Elf {
+            path: path.into(),
+            source,
+        })?;
+    let (mut end, mut mapped) = (0, 0);
+    for seg in &checked.segments {
+        mapped += place(
+            mem, file, "kernel", path, seg.offset, seg.paddr, seg.filesz, map,
+        )?;
+        end = end.max(seg.paddr.saturating_add(seg.memsz));
+    }
+    log::debug!("kernel: {mapped} bytes mapped from the file, the rest copied");
+    Ok(LoadedKernel {
+        entry: GuestAddress(checked.entry),
+        end: GuestAddress(end),
+        setup_header: None,
+    })
+}
+
 /// Where an initrd of `size` bytes goes: as high as possible in low RAM (below the kernel's
 /// `initrd_addr_max`), page aligned, above the kernel.
 pub fn initrd_address(
@@ -344,7 +378,8 @@ pub fn load_initrd(
         }
     })?;
     let map = mappable(&file, path);
-    place(mem, &mut file, "initrd", path, 0, addr.0, size, map)?;
+    let mapped = place(mem, &mut file, "initrd", path, 0, addr.0, size, map)?;
+    log::debug!("initrd: {mapped} of {size} bytes mapped from the file, the rest copied");
     Ok((addr, size))
 }
 
@@ -496,6 +531,178 @@ mod tests {
         assert!(load_kernel_cmdline(&mem, &"x".repeat(4096)).is_err());
     }
 
+    /// A temporary file with `bytes`, removed on drop.
+    struct TempFile(PathBuf);
+
+    impl TempFile {
+        fn new(name: &str, bytes: &[u8]) -> TempFile {
+            let path =
+                std::env::temp_dir().join(format!("chapeau-loader-{name}-{}", std::process::id()));
+            std::fs::write(&path, bytes).unwrap();
+            TempFile(path)
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    /// File bytes no page of zeros could be mistaken for.
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8 + 1).collect()
+    }
+
+    fn ram(mib: usize) -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mib << 20)]).unwrap()
+    }
+
+    fn same_bytes(a: &GuestMemoryMmap, b: &GuestMemoryMmap) -> bool {
+        let size = usize::try_from(a.last_addr().0 + 1).unwrap();
+        let (mut x, mut y) = (vec![0u8; size], vec![0u8; size]);
+        a.read_slice(&mut x, GuestAddress(0)).unwrap();
+        b.read_slice(&mut y, GuestAddress(0)).unwrap();
+        x == y
+    }
+
+    /// An ELF with an aligned segment ending mid-page with a bss, a segment whose file offset
+    /// and address lie at different places in a page (copied), and an aligned one that starts
+    /// mid-page and shares its first page with the previous segment's last.
+    fn elf_with_three_segments() -> Vec<u8> {
+        let mut elf = elf::tests::header(3);
+        let mut bss = elf::tests::phdr(1, 0x1000, 0x100_0000, 0x2800);
+        bss[40..48].copy_from_slice(&0x5000u64.to_le_bytes()); // memsz
+        elf.extend(bss);
+        elf.extend(elf::tests::phdr(1, 0x5123, 0x110_0456, 0x1f00));
+        elf.extend(elf::tests::phdr(1, 0x8800, 0x110_2800, 0x3900));
+        let mut file = pattern(0x10000);
+        file[..elf.len()].copy_from_slice(&elf);
+        file
+    }
+
+    #[test]
+    fn a_mapped_elf_reads_as_linux_loaders_copy() {
+        let file = TempFile::new("elf3", &elf_with_three_segments());
+        let (copied, mapped) = (ram(32), ram(32));
+        let result = linux_loader::loader::Elf::load(
+            &copied,
+            None,
+            &mut File::open(&file.0).unwrap(),
+            Some(GuestAddress(layout::HIMEM_START)),
+        )
+        .unwrap();
+        let kernel = load_elf(&mapped, &mut File::open(&file.0).unwrap(), &file.0, true).unwrap();
+        assert!(same_bytes(&copied, &mapped));
+        assert_eq!(kernel.entry, result.kernel_load);
+        assert_eq!(kernel.end, GuestAddress(result.kernel_end));
+        // The bss and the rest of the first segment's last page are zeros; the copied segment
+        // starts mid-page at its address with its first file byte.
+        let mut buf = vec![0u8; 0x2800];
+        mapped
+            .read_slice(&mut buf, GuestAddress(0x100_2800))
+            .unwrap();
+        assert!(buf.iter().all(|b| *b == 0));
+        let at = mapped.read_obj::<u8>(GuestAddress(0x110_0456)).unwrap();
+        assert_eq!(at, pattern(0x5124)[0x5123]);
+    }
+
+    #[test]
+    fn mapping_maps_whole_pages_and_copies_the_rest() {
+        let file = TempFile::new("place", &pattern(0x9000));
+        let mem = ram(4);
+        let mut f = File::open(&file.0).unwrap();
+        // Same place in a page: the three whole pages between the partial ends are mapped.
+        assert_eq!(
+            place(&mem, &mut f, "t", &file.0, 0x800, 0x1800, 0x4000, true).unwrap(),
+            0x3000
+        );
+        // Different places: copied.
+        assert_eq!(
+            place(&mem, &mut f, "t", &file.0, 0x800, 0x10000, 0x4000, true).unwrap(),
+            0
+        );
+        // Not allowed: copied.
+        assert_eq!(
+            place(&mem, &mut f, "t", &file.0, 0x1000, 0x20000, 0x4000, false).unwrap(),
+            0
+        );
+        // Within one page: nothing whole to map.
+        assert_eq!(
+            place(&mem, &mut f, "t", &file.0, 0x10, 0x30010, 0x100, true).unwrap(),
+            0
+        );
+        let want = pattern(0x9000);
+        for (offset, addr, len) in [
+            (0x800, 0x1800, 0x4000),
+            (0x800, 0x10000, 0x4000),
+            (0x1000, 0x20000, 0x4000),
+            (0x10, 0x30010, 0x100),
+        ] {
+            let mut buf = vec![0u8; len];
+            mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+            assert_eq!(buf, want[offset..offset + len], "{addr:#x}");
+        }
+        // Around the ranges guest RAM is untouched.
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x17ff)).unwrap(), 0);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x5800)).unwrap(), 0);
+        // Beyond RAM: refused, nothing mapped.
+        assert!(place(&mem, &mut f, "t", &file.0, 0, 4 << 20, 0x2000, true).is_err());
+    }
+
+    #[test]
+    fn guest_writes_to_a_mapped_file_stay_in_the_guest() {
+        let file = TempFile::new("cow", &pattern(0x3000));
+        let mem = ram(1);
+        let mut f = File::open(&file.0).unwrap();
+        assert_eq!(
+            place(&mem, &mut f, "t", &file.0, 0, 0x1000, 0x3000, true).unwrap(),
+            0x3000
+        );
+        mem.write_obj(0u8, GuestAddress(0x1000)).unwrap();
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x1000)).unwrap(), 0);
+        assert_eq!(std::fs::read(&file.0).unwrap(), pattern(0x3000));
+    }
+
+    #[test]
+    fn a_mapped_initrd_ends_in_zeros() {
+        // 2.5 pages: two mapped, the half page copied, the rest of that page left zero.
+        let file = TempFile::new("initrd", &pattern(0x2800));
+        let mem = ram(1);
+        let mut f = File::open(&file.0).unwrap();
+        assert_eq!(
+            place(&mem, &mut f, "initrd", &file.0, 0, 0x8000, 0x2800, true).unwrap(),
+            0x2000
+        );
+        let mut buf = vec![0xffu8; 0x3000];
+        mem.read_slice(&mut buf, GuestAddress(0x8000)).unwrap();
+        assert_eq!(buf[..0x2800], pattern(0x2800));
+        assert!(buf[0x2800..].iter().all(|b| *b == 0));
+    }
+
+    #[test]
+    fn only_files_that_only_root_or_we_can_rewrite_are_mapped() {
+        use std::os::unix::fs::PermissionsExt;
+        let file = TempFile::new("perm", b"x");
+        let local = {
+            let f = File::open(&file.0).unwrap();
+            std::fs::set_permissions(&file.0, std::fs::Permissions::from_mode(0o644)).unwrap();
+            mappable(&f, &file.0)
+        };
+        if !local {
+            eprintln!(
+                "skipped: {} is not on a filesystem known to be local",
+                file.0.display()
+            );
+            return;
+        }
+        for (mode, map) in [(0o600, true), (0o755, true), (0o664, false), (0o646, false)] {
+            std::fs::set_permissions(&file.0, std::fs::Permissions::from_mode(mode)).unwrap();
+            let f = File::open(&file.0).unwrap();
+            assert_eq!(mappable(&f, &file.0), map, "mode {mode:o}");
+        }
+    }
+
     /// A file of the test guest (`CHAPEAU_GUEST_DIR`, else ../shared/guest), when present.
     fn shared_guest_file(name: &str) -> Option<std::path::PathBuf> {
         let dir = std::env::var_os("CHAPEAU_GUEST_DIR")
@@ -536,5 +743,16 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 256 << 20)]).unwrap();
         let kernel = load_kernel(&mem, &path).unwrap();
         assert!(kernel.setup_header.is_none() && kernel.end.0 > kernel.entry.0);
+        // Mapped, the guest sees what linux-loader's copy gives it.
+        let (copied, mapped) = (ram(64), ram(64));
+        linux_loader::loader::Elf::load(
+            &copied,
+            None,
+            &mut File::open(&path).unwrap(),
+            Some(GuestAddress(layout::HIMEM_START)),
+        )
+        .unwrap();
+        load_elf(&mapped, &mut File::open(&path).unwrap(), &path, true).unwrap();
+        assert!(same_bytes(&copied, &mapped));
     }
 }

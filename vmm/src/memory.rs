@@ -106,7 +106,9 @@ pub fn prefault(mem: &GuestMemoryMmap, addr: GuestAddress, len: usize) {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapError {
-    #[error("{len:#x} bytes at guest address {addr:#x} (file offset {offset:#x}) are not whole pages")]
+    #[error(
+        "{len:#x} bytes at guest address {addr:#x} (file offset {offset:#x}) are not whole pages"
+    )]
     Unaligned { addr: u64, offset: u64, len: usize },
     #[error("{len:#x} bytes at guest address {addr:#x} are not inside one guest RAM region")]
     OutsideRam { addr: u64, len: usize },
@@ -135,7 +137,11 @@ pub fn map_file_private(
     len: usize,
 ) -> Result<(), MapError> {
     let page = PAGE_SIZE as u64;
-    if addr.0 % page != 0 || offset % page != 0 || len % PAGE_SIZE != 0 || len == 0 {
+    if !addr.0.is_multiple_of(page)
+        || !offset.is_multiple_of(page)
+        || !len.is_multiple_of(PAGE_SIZE)
+        || len == 0
+    {
         return Err(MapError::Unaligned {
             addr: addr.0,
             offset,
