@@ -175,9 +175,11 @@ const LOCAL_FILESYSTEMS: [i64; 6] = [
 ///     mask, which bounds every named entry), and
 ///   - it lives on a local filesystem (a network or FUSE file can change under the page cache).
 ///
-/// Otherwise it is copied, as before. The kernel's code is the guest's anyway, so whoever can
-/// write the file gains nothing over the guest they did not have; the mapping only adds that
-/// the page cache of one kernel is shared by every VM booted from it.
+/// Otherwise it is copied, as before. Root and our own user can already read and write guest
+/// memory (ptrace, /proc/PID/mem), so a later write to the file gives them nothing new over
+/// the guest; what the mapping adds for everyone else is that the page cache of one kernel is
+/// shared by every VM booted from it (charged to the cgroup that first read it), and guest
+/// pages are private copies only once written.
 fn mappable(file: &File, path: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     let Ok(meta) = file.metadata() else {
