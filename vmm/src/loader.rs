@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use linux_loader::cmdline::Cmdline;
@@ -112,31 +113,69 @@ fn detect_format(file: &mut File, path: &Path) -> Result<KernelFormat, LoadError
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, LoadError> {
     let mut file = open_regular("kernel", path, Access::Read)?;
     let format = detect_format(&mut file, path)?;
-    let loader_error = |source| LoadError::Loader {
+    let map = mappable(&file, path);
+    match format {
+        KernelFormat::Elf => load_elf(mem, &mut file, path, map),
+        KernelFormat::BzImage => load_bzimage(mem, &mut file, path, map),
+    }
+}
+
+/// Where a bzImage's setup sectors end and its protected-mode payload begins: after
+/// `setup_sects` (byte 0x1f1; 0 means 4) sectors and the boot sector.
+const SETUP_SECTS_OFFSET: u64 = 0x1f1;
+
+/// Loads a bzImage: linux-loader checks the setup header (fed only the setup sectors, so it
+/// copies nothing), then the payload goes to its load address like an ELF segment (`place`):
+/// mapped when allowed and its file offset is page aligned, as with setup sectors of 31 or 7.
+fn load_bzimage(
+    mem: &GuestMemoryMmap,
+    file: &mut File,
+    path: &Path,
+    map: bool,
+) -> Result<LoadedKernel, LoadError> {
+    let read_error = |source| LoadError::Read {
+        what: "kernel",
         path: path.into(),
         source,
     };
+    let size = file_size(file, "kernel", path)?;
+    let mut sects = [0u8; 1];
+    file.read_exact_at(&mut sects, SETUP_SECTS_OFFSET)
+        .map_err(read_error)?;
+    let setup_sects = if sects[0] == 0 {
+        4
+    } else {
+        u64::from(sects[0])
+    };
+    let setup_size = (setup_sects + 1) * 512;
+    let mut setup = vec![0u8; usize::try_from(setup_size.min(size)).unwrap_or(0)];
+    file.read_exact_at(&mut setup, 0).map_err(read_error)?;
     let himem = Some(GuestAddress(layout::HIMEM_START));
-    match format {
-        KernelFormat::Elf => {
-            let map = mappable(&file, path);
-            load_elf(mem, &mut file, path, map)
-        }
-        KernelFormat::BzImage => {
-            let result = BzImage::load(mem, None, &mut file, himem).map_err(loader_error)?;
-            let header = result
-                .setup_header
-                .ok_or_else(|| LoadError::No64BitEntry(path.into()))?;
-            if header.xloadflags & XLF_KERNEL_64 == 0 {
-                return Err(LoadError::No64BitEntry(path.into()));
+    let result =
+        BzImage::load(mem, None, &mut std::io::Cursor::new(setup), himem).map_err(|source| {
+            LoadError::Loader {
+                path: path.into(),
+                source,
             }
-            Ok(LoadedKernel {
-                entry: result.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET),
-                end: GuestAddress(result.kernel_end),
-                setup_header: Some(header),
-            })
-        }
+        })?;
+    let header = result
+        .setup_header
+        .ok_or_else(|| LoadError::No64BitEntry(path.into()))?;
+    if header.xloadflags & XLF_KERNEL_64 == 0 {
+        return Err(LoadError::No64BitEntry(path.into()));
     }
+    // linux-loader checked that the file holds the setup sectors.
+    let payload = size - setup_size;
+    let load = result.kernel_load;
+    let mapped = place(mem, file, "kernel", path, setup_size, load.0, payload, map)?;
+    log::debug!(
+        "kernel: {mapped} of {payload} payload bytes mapped from the file, the rest copied"
+    );
+    Ok(LoadedKernel {
+        entry: load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET),
+        end: GuestAddress(load.0.saturating_add(payload)),
+        setup_header: Some(header),
+    })
 }
 
 fn file_size(file: &File, what: &'static str, path: &Path) -> Result<u64, LoadError> {
@@ -734,6 +773,18 @@ mod tests {
         assert_ne!({ header.xloadflags } & XLF_KERNEL_64, 0);
         let (initrd, size) = load_initrd(&mem, &path, &kernel).unwrap();
         assert!(initrd.0 >= kernel.end.0 && initrd.0 + size <= 64 << 20);
+        // Mapped, the guest sees what linux-loader's copy gives it.
+        let (copied, mapped) = (ram(64), ram(64));
+        let result = BzImage::load(
+            &copied,
+            None,
+            &mut File::open(&path).unwrap(),
+            Some(GuestAddress(layout::HIMEM_START)),
+        )
+        .unwrap();
+        let kernel = load_bzimage(&mapped, &mut File::open(&path).unwrap(), &path, true).unwrap();
+        assert!(same_bytes(&copied, &mapped));
+        assert_eq!(kernel.end, GuestAddress(result.kernel_end));
     }
 
     /// The shared test guest's vmlinux, when present, passes the ELF checks and loads.
