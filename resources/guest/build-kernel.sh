@@ -35,6 +35,7 @@ PATCHES=(
   pvm-fpu-drop-no-fwait.patch    # fpu__drop(): no FWAIT (not emulated on kvm-pvm)
   pvm-syscall-via-pf.patch       # "pvm_syscall" boot parameter only
   mpparse-scan-map-once.patch    # speed only, same result: map the MP-table scan area once
+  tick-skip-missed-periodic.patch # count missed periodic ticks at once (no endless replay on kvm-pvm)
 )
 
 cd "$WORK"

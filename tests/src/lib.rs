@@ -137,6 +137,42 @@ pub fn chapeau_with_test_hooks() -> PathBuf {
     .clone()
 }
 
+/// Where each thread of process `pid` is: name, scheduler state, the syscall it sits in (an
+/// `ioctl(KVM_RUN)` is named as such) and its kernel stack. Printed when a wait times out, so that
+/// a guest that stopped can be told apart from a VMM thread that blocked.
+pub fn thread_report(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("(process {pid} is gone)");
+    };
+    let mut report = Vec::new();
+    for task in tasks.flatten() {
+        let read = |name: &str| std::fs::read_to_string(task.path().join(name)).unwrap_or_default();
+        let comm = read("comm");
+        // Field 3 of stat, after the parenthesised name: R, S, D, ...
+        let stat = read("stat");
+        let state = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split(' ').next())
+            .unwrap_or("?")
+            .to_string();
+        let syscall = read("syscall");
+        let mut fields = syscall.split_whitespace();
+        let what = match (fields.next(), fields.next(), fields.next()) {
+            // x86_64 ioctl is 16; KVM_RUN is _IO(0xAE, 0x80).
+            (Some("16"), Some(_), Some("0xae80")) => "in KVM_RUN".to_string(),
+            _ => format!("syscall {}", syscall.trim()),
+        };
+        let stack: Vec<String> = read("stack").lines().take(8).map(str::to_string).collect();
+        report.push(format!(
+            "{} [{state}] {what}\n    {}",
+            comm.trim(),
+            stack.join("\n    ")
+        ));
+    }
+    report.sort();
+    report.join("\n")
+}
+
 /// Each thread of process `pid` (but KVM's own) and its `Seccomp:` mode from /proc: 0 none,
 /// 2 filtered; sorted by name.
 pub fn thread_seccomp_modes(pid: u32) -> Vec<(String, String)> {
@@ -279,8 +315,12 @@ impl Vm {
                 if let Some(line) = lines.iter().find(|l| l.contains(needle)) {
                     return Ok(line.clone());
                 }
+                let threads = match exited {
+                    Some(_) => String::new(),
+                    None => format!("\n--- threads ---\n{}", thread_report(self.pid())),
+                };
                 return Err(format!(
-                    "`{needle}` not seen after {:?} (exit: {exited:?})\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                    "`{needle}` not seen after {:?} (exit: {exited:?})\n--- stdout ---\n{}\n--- stderr ---\n{}{threads}",
                     timeout,
                     out.stdout.join("\n"),
                     out.stderr.join("\n")
@@ -410,4 +450,22 @@ pub fn api_call(socket: &Path, method: &str, path: &str, body: Option<&str>) -> 
         )
     });
     (status, body.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn thread_report_names_each_thread_and_where_it_waits() {
+        let sleeper = std::thread::Builder::new()
+            .name("sleeper".into())
+            .spawn(|| std::thread::sleep(std::time::Duration::from_secs(2)))
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let report = super::thread_report(std::process::id());
+        let line = report.lines().find(|l| l.starts_with("sleeper")).unwrap();
+        // clock_nanosleep is 230 on x86_64.
+        assert!(line.contains("[S] syscall 230"), "{report}");
+        sleeper.join().unwrap();
+        assert!(super::thread_report(u32::MAX).contains("gone"));
+    }
 }

@@ -15,7 +15,15 @@ const CLEARCPUID: [&str; 11] = [
     "cx16", "rdtscp", "rdpid", "popcnt", "smap", "clwb", "fsgsbase", "pcid", "invpcid", "erms",
     "fsrm",
 ];
-const REQUIRED: [&str; 2] = ["noxsave", "pvm_syscall"];
+/// `rcupdate.rcu_cpu_stall_suppress=1` is required too: an emulated kernel easily goes 21 s
+/// without an RCU quiescent state under host load, and the stall report asks the other vCPUs
+/// for backtraces by NMI IPI, whose paravirtual hypercall (VMCALL) kvm-pvm re-executes forever
+/// (seen: 4,000 re-executions a second, the guest stopped for good).
+const REQUIRED: [&str; 3] = [
+    "noxsave",
+    "pvm_syscall",
+    "rcupdate.rcu_cpu_stall_suppress=1",
+];
 /// Speed-ups: fewer emulated instructions (no LOCK-prefix rewriting, no lockup detector, no TSC
 /// watchdog).
 const SPEEDUPS: [&str; 3] = ["noreplace-smp", "nowatchdog", "tsc=reliable"];
@@ -74,6 +82,7 @@ mod tests {
         let line = with_pvm_params("console=ttyS0 reboot=k panic=1");
         assert!(line.starts_with("console=ttyS0 reboot=k panic=1 noxsave pvm_syscall"));
         assert!(line.contains("tsc=reliable"));
+        assert!(line.contains(" rcupdate.rcu_cpu_stall_suppress=1 "));
         assert!(line.ends_with(
             "clearcpuid=cx16,rdtscp,rdpid,popcnt,smap,clwb,fsgsbase,pcid,invpcid,erms,fsrm"
         ));

@@ -61,7 +61,8 @@ const USAGE: &str = "usage: bench boot [--runs N] [--cpus N] [--memory MIB] \
 /// What QEMU needs appended on a PVM host when the guest dir has no `pvm-cmdline` (chapeau adds
 /// its own set).
 const DEFAULT_PVM_PARAMS: &str = "noxsave clearcpuid=cx16,rdtscp,rdpid,popcnt,smap,clwb,fsgsbase,\
-pcid,invpcid,erms,fsrm pvm_syscall noreplace-smp nowatchdog tsc=reliable";
+pcid,invpcid,erms,fsrm pvm_syscall rcupdate.rcu_cpu_stall_suppress=1 noreplace-smp nowatchdog \
+tsc=reliable";
 
 const BOOT_MARKER: &str = "GUEST_BOOT_OK";
 
