@@ -50,5 +50,6 @@ touch -d @0 "$T/busybox" "$T/init" "$T/fstab"
     echo "slink /$a /bin/busybox 0777 0 0"
   done
 } >"$T/list"
-"$T/gen_init_cpio" -t 0 "$T/list" >"$OUT"
+# Renamed into place, not rewritten: running guests may have it mapped (see build-kernel.sh).
+"$T/gen_init_cpio" -t 0 "$T/list" >"$OUT.tmp" && mv -f "$OUT.tmp" "$OUT"
 ls -l "$OUT"

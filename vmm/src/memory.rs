@@ -104,6 +104,79 @@ pub fn prefault(mem: &GuestMemoryMmap, addr: GuestAddress, len: usize) {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum MapError {
+    #[error(
+        "{len:#x} bytes at guest address {addr:#x} (file offset {offset:#x}) are not whole pages"
+    )]
+    Unaligned { addr: u64, offset: u64, len: usize },
+    #[error("{len:#x} bytes at guest address {addr:#x} are not inside one guest RAM region")]
+    OutsideRam { addr: u64, len: usize },
+    #[error("mmap over guest RAM: {0}")]
+    Mmap(std::io::Error),
+}
+
+/// Maps `len` bytes of `file` from `offset` over guest RAM at `addr`, private and
+/// copy-on-write, instead of copying them: the guest reads the file's page-cache pages until it
+/// writes a page, which then becomes its own (and the page cache stays shared by every VM
+/// booted from the same file).
+///
+/// Why this is sound for a VM: the range stays guest RAM at the same host address. The KVM
+/// memory slot and vhost's memory table name guest RAM by host virtual address, not by the
+/// mapping behind it, and KVM follows a change of mapping through its MMU notifiers (mmap
+/// MAP_FIXED first unmaps the anonymous pages, which invalidates anything KVM had built on
+/// them). The new mapping has the same protection (read and write) and lies inside the region,
+/// so the region's munmap on drop removes it too. Devices reach guest memory only through
+/// vm-memory's volatile accessors, so no Rust reference to the replaced bytes exists.
+/// The caller decides whether the file may be mapped at all (see `loader::mappable`).
+pub fn map_file_private(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    file: &std::fs::File,
+    offset: u64,
+    len: usize,
+) -> Result<(), MapError> {
+    let page = PAGE_SIZE as u64;
+    if !addr.0.is_multiple_of(page)
+        || !offset.is_multiple_of(page)
+        || !len.is_multiple_of(PAGE_SIZE)
+        || len == 0
+    {
+        return Err(MapError::Unaligned {
+            addr: addr.0,
+            offset,
+            len,
+        });
+    }
+    let outside = || MapError::OutsideRam { addr: addr.0, len };
+    let offset = libc::off_t::try_from(offset).map_err(|_| outside())?;
+    // One region holds the whole range, or this fails.
+    let slice = mem.get_slice(addr, len).map_err(|_| outside())?;
+    let guard = slice.ptr_guard_mut();
+    let host = guard.as_ptr().cast::<libc::c_void>();
+    // SAFETY: `host..host + len` lies inside one guest RAM mapping that `mem` owns and keeps
+    // until it is dropped (`get_slice` checked the bounds); `host` is page aligned because the
+    // regions are and `addr` is. MAP_FIXED replaces exactly those pages with a private mapping
+    // of the same protection; no Rust reference points into guest RAM (it is only accessed
+    // volatile, by address), and see the function's comment for KVM and vhost.
+    let mapped = unsafe {
+        libc::mmap(
+            host,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            std::os::fd::AsRawFd::as_raw_fd(file),
+            offset,
+        )
+    };
+    if mapped == libc::MAP_FAILED {
+        // A failed MAP_FIXED may have unmapped part of the range already: the caller must
+        // fail the build (it does), never fall back to copying into a hole.
+        return Err(MapError::Mmap(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,8 +11,8 @@
 
 use std::cell::Cell;
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::Once;
+use std::sync::{Arc, Mutex};
 
 use api::SeccompMode;
 use seccompiler::{sock_filter, BpfProgram};
@@ -215,9 +215,12 @@ extern "C" fn on_sigsys(
 /// four 64 KiB blocks, below the 128 KiB above which malloc maps a block of its own instead of
 /// growing the arena: the arena grows in four steps, where 1024 blocks of 1 KiB grew it page by
 /// page (some 250 mprotect calls, a millisecond before the API socket is served).
+///
+/// The warm-up thread is joined only before the first filter is installed (`allocator_ready`):
+/// meanwhile the VM is built, so its start and end cost the start-up nothing.
 fn prepare_allocator() {
     const TRIM_THRESHOLD: libc::c_int = 128 << 10;
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpus = cpus_allowed();
     let arenas = libc::c_int::try_from(8 * cpus).unwrap_or(libc::c_int::MAX);
     // SAFETY: mallopt only sets malloc parameters.
     unsafe {
@@ -232,7 +235,33 @@ fn prepare_allocator() {
             drop(std::hint::black_box(blocks));
         });
     if let Ok(thread) = warm_up {
+        *WARM_UP.lock().unwrap_or_else(|p| p.into_inner()) = Some(thread);
+    }
+}
+
+/// The allocator warm-up thread, until it is joined.
+static WARM_UP: Mutex<Option<std::thread::JoinHandle<()>>> = Mutex::new(None);
+
+/// Returns once the allocator warm-up is over. The lock is held while joining, so a second
+/// thread about to be filtered waits for it too.
+fn allocator_ready() {
+    let mut pending = WARM_UP.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(thread) = pending.take() {
         let _ = thread.join();
+    }
+}
+
+/// The CPUs this process may run on: glibc's own measure for its arena limit. One syscall,
+/// where `available_parallelism` also reads the cgroup's CPU quota from /proc and /sys.
+fn cpus_allowed() -> usize {
+    // SAFETY: a zeroed cpu_set_t is valid; sched_getaffinity writes at most its size into it,
+    // and CPU_COUNT only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return 1;
+        }
+        usize::try_from(libc::CPU_COUNT(&set)).map_or(1, |n| n.max(1))
     }
 }
 
@@ -295,6 +324,7 @@ pub fn apply(filters: &SeccompFilters, name: &str) -> Result<(), SeccompError> {
         .get(name)
         .ok_or_else(|| SeccompError::Missing(name.into()))?;
     prepare_process()?;
+    allocator_ready();
     remember_thread_name();
     unblock_sigsys();
     if filters.mode != SeccompMode::Off {

@@ -11,6 +11,9 @@ const EHDR_SIZE: usize = 64;
 const PHDR_SIZE: u64 = 56;
 const EI_CLASS: usize = 4;
 const ELFCLASS64: u8 = 2;
+const EI_DATA: usize = 5;
+const ELFDATA2LSB: u8 = 1;
+const E_ENTRY: usize = 24;
 const E_MACHINE: usize = 18;
 const EM_X86_64: u16 = 62;
 const E_PHOFF: usize = 32;
@@ -47,8 +50,29 @@ pub enum ElfError {
     NoteTooLarge { index: u16, filesz: u64 },
     #[error("has segment {index} ending at guest address {end:#x}, beyond the VM's {ram} bytes of memory")]
     SegmentBeyondRam { index: u16, end: u64, ram: u64 },
+    #[error("is a big-endian ELF")]
+    BigEndian,
+    #[error("has its entry point at {entry:#x}, below {min:#x}")]
+    EntryTooLow { entry: u64, min: u64 },
     #[error("cannot be read: {0}")]
     Read(String),
+}
+
+/// A PT_LOAD segment with file bytes: `filesz` bytes from `offset` go to guest address
+/// `paddr`; up to `memsz` the rest is zeros (fresh guest RAM).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub offset: u64,
+    pub paddr: u64,
+    pub filesz: u64,
+    pub memsz: u64,
+}
+
+/// What loading needs from a checked ELF kernel.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Checked {
+    pub entry: u64,
+    pub segments: Vec<Segment>,
 }
 
 fn machine_name(machine: u16) -> String {
@@ -81,9 +105,10 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 }
 
 /// Checks the ELF kernel in `file` (of `size` bytes) for a VM of `ram` bytes (its highest guest
-/// address + 1). Reads only the headers: 64 bytes plus 56 per program header. Returns where
-/// linux-loader will copy file bytes: (guest address, length) of each PT_LOAD segment.
-pub fn check(file: &File, size: u64, ram: u64) -> Result<Vec<(u64, u64)>, ElfError> {
+/// address + 1) whose kernel entry must be at `min_entry` or above. Reads only the headers: 64
+/// bytes plus 56 per program header. Returns the entry point and the PT_LOAD segments with
+/// file bytes, in file order (the order they are loaded in: a later one wins where two overlap).
+pub fn check(file: &File, size: u64, ram: u64, min_entry: u64) -> Result<Checked, ElfError> {
     let read = |buf: &mut [u8], offset: u64| {
         file.read_exact_at(buf, offset)
             .map_err(|e| ElfError::Read(e.to_string()))
@@ -96,6 +121,9 @@ pub fn check(file: &File, size: u64, ram: u64) -> Result<Vec<(u64, u64)>, ElfErr
     if ehdr[EI_CLASS] != ELFCLASS64 {
         return Err(ElfError::Not64Bit);
     }
+    if ehdr[EI_DATA] != ELFDATA2LSB {
+        return Err(ElfError::BigEndian);
+    }
     let machine = u16_at(&ehdr, E_MACHINE);
     if machine != EM_X86_64 {
         return Err(ElfError::WrongMachine(machine_name(machine)));
@@ -104,10 +132,17 @@ pub fn check(file: &File, size: u64, ram: u64) -> Result<Vec<(u64, u64)>, ElfErr
     if u64::from(phentsize) != PHDR_SIZE {
         return Err(ElfError::PhdrSize(phentsize));
     }
+    let entry = u64_at(&ehdr, E_ENTRY);
+    if entry < min_entry {
+        return Err(ElfError::EntryTooLow {
+            entry,
+            min: min_entry,
+        });
+    }
     let phoff = u64_at(&ehdr, E_PHOFF);
     let phnum = u16_at(&ehdr, E_PHNUM);
     let phdrs_end = phoff.checked_add(u64::from(phnum) * PHDR_SIZE);
-    if phdrs_end.is_none_or(|end| end > size) {
+    if phoff < EHDR_SIZE as u64 || phdrs_end.is_none_or(|end| end > size) {
         return Err(ElfError::PhdrsOutside { size });
     }
     let mut phdr = [0u8; PHDR_SIZE as usize];
@@ -119,7 +154,8 @@ pub fn check(file: &File, size: u64, ram: u64) -> Result<Vec<(u64, u64)>, ElfErr
         let paddr = u64_at(&phdr, 24);
         let filesz = u64_at(&phdr, 32);
         let memsz = u64_at(&phdr, 40);
-        // linux-loader reads PT_LOAD segments and walks PT_NOTE ones; it skips the rest.
+        // PT_LOAD segments are loaded; notes are bounded (linux-loader walked them, and a
+        // kernel with a 1 TiB note is no kernel); the rest is skipped.
         if p_type != PT_LOAD && p_type != PT_NOTE {
             continue;
         }
@@ -143,10 +179,18 @@ pub fn check(file: &File, size: u64, ram: u64) -> Result<Vec<(u64, u64)>, ElfErr
                     ram,
                 });
             }
-            loaded.push((paddr, filesz));
+            loaded.push(Segment {
+                offset,
+                paddr,
+                filesz,
+                memsz,
+            });
         }
     }
-    Ok(loaded)
+    Ok(Checked {
+        entry,
+        segments: loaded,
+    })
 }
 
 #[cfg(test)]
@@ -161,7 +205,7 @@ pub(crate) mod tests {
         h[5] = 1; // little endian
         h[6] = 1; // EV_CURRENT
         h[E_MACHINE..E_MACHINE + 2].copy_from_slice(&EM_X86_64.to_le_bytes());
-        h[24..32].copy_from_slice(&0x100_0000u64.to_le_bytes()); // e_entry
+        h[E_ENTRY..E_ENTRY + 8].copy_from_slice(&0x100_0000u64.to_le_bytes());
         h[E_PHOFF..E_PHOFF + 8].copy_from_slice(&(EHDR_SIZE as u64).to_le_bytes());
         h[E_PHENTSIZE..E_PHENTSIZE + 2].copy_from_slice(&(PHDR_SIZE as u16).to_le_bytes());
         h[E_PHNUM..E_PHNUM + 2].copy_from_slice(&phnum.to_le_bytes());
@@ -178,7 +222,7 @@ pub(crate) mod tests {
         p
     }
 
-    fn check_bytes(bytes: &[u8], size: u64) -> Result<Vec<(u64, u64)>, ElfError> {
+    fn check_bytes(bytes: &[u8], size: u64) -> Result<Checked, ElfError> {
         let path = std::env::temp_dir().join(format!(
             "chapeau-elf-{}-{:?}",
             std::process::id(),
@@ -188,7 +232,7 @@ pub(crate) mod tests {
         let file = File::open(&path).unwrap();
         file.set_len(size.max(bytes.len() as u64)).ok();
         let file_size = file.metadata().unwrap().len();
-        let result = check(&file, file_size, 64 << 20);
+        let result = check(&file, file_size, 64 << 20, 0x10_0000);
         std::fs::remove_file(&path).unwrap();
         result
     }
@@ -197,7 +241,30 @@ pub(crate) mod tests {
     fn header_fields_are_checked() {
         let mut elf = header(1);
         elf.extend(phdr(PT_LOAD, 0, 0x100_0000, 64));
-        assert_eq!(check_bytes(&elf, 0), Ok(vec![(0x100_0000, 64)]));
+        assert_eq!(
+            check_bytes(&elf, 0),
+            Ok(Checked {
+                entry: 0x100_0000,
+                segments: vec![Segment {
+                    offset: 0,
+                    paddr: 0x100_0000,
+                    filesz: 64,
+                    memsz: 64
+                }]
+            })
+        );
+        let mut big_endian = elf.clone();
+        big_endian[EI_DATA] = 2;
+        assert_eq!(check_bytes(&big_endian, 0), Err(ElfError::BigEndian));
+        let mut low = elf.clone();
+        low[E_ENTRY..E_ENTRY + 8].copy_from_slice(&0x1000u64.to_le_bytes());
+        assert_eq!(
+            check_bytes(&low, 0),
+            Err(ElfError::EntryTooLow {
+                entry: 0x1000,
+                min: 0x10_0000
+            })
+        );
 
         let mut arm = elf.clone();
         arm[E_MACHINE..E_MACHINE + 2].copy_from_slice(&183u16.to_le_bytes());
