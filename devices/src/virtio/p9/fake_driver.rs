@@ -6,7 +6,8 @@
 //! It negotiates what Linux's driver does unless told otherwise: with EVENT_IDX it kicks only
 //! when the device's avail_event asks for it and publishes used_event as it consumes
 //! completions (as virtio_ring.c does); with indirect descriptors on, each request goes in
-//! an indirect table, its buffers cut in pages as Linux's zero-copy requests are.
+//! an indirect table, its two buffers whole or, with `split_pages`, cut in pages as Linux's
+//! zero-copy requests are.
 
 use std::num::Wrapping;
 use std::path::Path;
@@ -85,6 +86,8 @@ pub struct FakeDriver {
     features: u64,
     /// Kicks that reached the device.
     pub kicks: u64,
+    /// With indirect descriptors: cut each buffer in pages (at most 128 pieces).
+    pub split_pages: bool,
 }
 
 impl FakeDriver {
@@ -140,6 +143,7 @@ impl FakeDriver {
             kicked_avail: Wrapping(0),
             features,
             kicks: 0,
+            split_pages: false,
         })
     }
 
@@ -261,7 +265,7 @@ impl FakeDriver {
 
     /// Posts `message` in slot `slot` with a reply buffer of `reply_len` bytes: two ring
     /// descriptors, or with indirect descriptors negotiated an indirect table of both buffers
-    /// cut in pages (at most 128 pieces each).
+    /// (cut in pages with `split_pages`).
     pub fn submit(&mut self, slot: u16, message: &[u8], reply_len: u32) {
         let request = Self::request_addr(slot);
         self.mem
@@ -278,13 +282,18 @@ impl FakeDriver {
             return;
         }
         let mut descs = Vec::new();
-        pages(&mut descs, request, message.len() as u32, 0);
-        pages(
-            &mut descs,
-            Self::reply_addr(slot),
-            reply_len,
-            VRING_DESC_F_WRITE,
-        );
+        if self.split_pages {
+            pages(&mut descs, request, message.len() as u32, 0);
+            pages(
+                &mut descs,
+                Self::reply_addr(slot),
+                reply_len,
+                VRING_DESC_F_WRITE,
+            );
+        } else {
+            descs.push((request, message.len() as u32, 0));
+            descs.push((Self::reply_addr(slot), reply_len, VRING_DESC_F_WRITE));
+        }
         self.post_indirect(2 * slot, TABLES + 4096 * u64::from(slot), &descs);
     }
 

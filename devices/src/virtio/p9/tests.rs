@@ -780,9 +780,10 @@ fn wait_until(mut ready: impl FnMut() -> bool, what: &str) {
 fn requests_in_indirect_tables_are_answered() {
     let scratch = Scratch::new("indirect");
     let export = scratch.export();
-    // Client::new negotiates as Linux does: every request goes in an indirect table, its
-    // buffers cut in pages (a 300 KB write is ~200 descriptors).
+    // Client::new negotiates as Linux does: every request goes in an indirect table, here
+    // with its buffers cut in pages (a 300 KB write is ~200 descriptors).
     let mut c = Client::new(&export, false);
+    c.driver.split_pages = true;
     let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 4096) as u8).collect();
     let f = c.create(&[], b"f", 0o644).unwrap();
     assert_eq!(c.write(f, 0, &data).unwrap(), data.len() as u32);
