@@ -18,7 +18,7 @@
  *                          FILES files; prints GUEST_P9_BENCH write_mbps=.. read_mbps=..
  *                          files_per_s=.. with the guest's own clock (CLOCK_MONOTONIC).
  *                          Before and after each phase (outside the timed parts) it prints
- *                          GUEST_P9_SNAP PHASE cpu=USER,NICE,SYSTEM,IDLE,IOWAIT,IRQ,SOFTIRQ
+ *                          GUEST_P9_SNAP PHASE cpu=USER,NICE,SYSTEM,IDLE,IOWAIT,IRQ,SOFTIRQ,STEAL
  *                          (/proc/stat, in ticks) and each virtio interrupt's count
  *                          (/proc/interrupts), to tell where the guest's time goes.
  */
@@ -142,12 +142,12 @@ static void snap(const char *phase) {
 	printf("GUEST_P9_SNAP %s", phase);
 	FILE *f = fopen("/proc/stat", "r");
 	if (f) {
-		unsigned long long v[7] = {0};
+		unsigned long long v[8] = {0};
 		if (fgets(line, sizeof line, f) &&
-		    sscanf(line, "cpu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2], &v[3],
-			   &v[4], &v[5], &v[6]) == 7)
-			printf(" cpu=%llu,%llu,%llu,%llu,%llu,%llu,%llu", v[0], v[1], v[2], v[3], v[4], v[5],
-			       v[6]);
+		    sscanf(line, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2],
+			   &v[3], &v[4], &v[5], &v[6], &v[7]) == 8)
+			printf(" cpu=%llu,%llu,%llu,%llu,%llu,%llu,%llu,%llu", v[0], v[1], v[2], v[3], v[4],
+			       v[5], v[6], v[7]);
 		fclose(f);
 	}
 	f = fopen("/proc/interrupts", "r");
