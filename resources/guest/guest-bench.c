@@ -17,6 +17,10 @@
  *                          fsync), reads it back, then creates, fstats, closes and unlinks
  *                          FILES files; prints GUEST_P9_BENCH write_mbps=.. read_mbps=..
  *                          files_per_s=.. with the guest's own clock (CLOCK_MONOTONIC).
+ *                          Before and after each phase (outside the timed parts) it prints
+ *                          GUEST_P9_SNAP PHASE cpu=USER,NICE,SYSTEM,IDLE,IOWAIT,IRQ,SOFTIRQ,STEAL
+ *                          (/proc/stat, in ticks) and each virtio interrupt's count
+ *                          (/proc/interrupts), to tell where the guest's time goes.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -132,6 +136,48 @@ static int fail(const char *what) {
 	return 1;
 }
 
+/* One GUEST_P9_SNAP line: the guest's CPU ticks and its virtio interrupt counts. */
+static void snap(const char *phase) {
+	char line[1024];
+	printf("GUEST_P9_SNAP %s", phase);
+	FILE *f = fopen("/proc/stat", "r");
+	if (f) {
+		unsigned long long v[8] = {0};
+		if (fgets(line, sizeof line, f) &&
+		    sscanf(line, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2],
+			   &v[3], &v[4], &v[5], &v[6], &v[7]) == 8)
+			printf(" cpu=%llu,%llu,%llu,%llu,%llu,%llu,%llu,%llu", v[0], v[1], v[2], v[3], v[4],
+			       v[5], v[6], v[7]);
+		fclose(f);
+	}
+	f = fopen("/proc/interrupts", "r");
+	if (f) {
+		while (fgets(line, sizeof line, f)) {
+			if (!strstr(line, "virtio"))
+				continue;
+			/* "  NN:  count [count...]  chip  hwirq-edge  name": the counts follow the label. */
+			char *p = strchr(line, ':'), *end;
+			unsigned long long total = 0;
+			if (!p)
+				continue;
+			for (p++;;) {
+				unsigned long long n = strtoull(p, &end, 10);
+				if (end == p)
+					break;
+				total += n;
+				p = end;
+			}
+			char *name = strrchr(line, ' ');
+			name = name ? name + 1 : line;
+			name[strcspn(name, "\n")] = 0;
+			printf(" %s=%llu", name, total);
+		}
+		fclose(f);
+	}
+	printf("\n");
+	fflush(stdout);
+}
+
 static int fs(const char *dir, long mib, long files) {
 	char path[4096];
 	snprintf(path, sizeof path, "%s/seq", dir);
@@ -140,6 +186,7 @@ static int fs(const char *dir, long mib, long files) {
 	int fd = open(path, O_CREAT | O_TRUNC | O_WRONLY, 0644);
 	if (fd < 0)
 		return fail("create seq");
+	snap("start");
 	double t0 = now();
 	for (long i = 0; i < mib; i++)
 		if (write_full(fd, buf, CHUNK))
@@ -148,6 +195,7 @@ static int fs(const char *dir, long mib, long files) {
 		return fail("fsync seq");
 	double t1 = now();
 	close(fd);
+	snap("written");
 	fd = open(path, O_RDONLY);
 	if (fd < 0)
 		return fail("open seq");
@@ -157,6 +205,7 @@ static int fs(const char *dir, long mib, long files) {
 			return fail("read seq");
 	double t3 = now();
 	close(fd);
+	snap("read");
 	double t4 = now();
 	for (long i = 0; i < files; i++) {
 		struct stat st;
@@ -171,6 +220,7 @@ static int fs(const char *dir, long mib, long files) {
 			return fail("unlink small");
 	}
 	double t5 = now();
+	snap("files");
 	double mb = mib * (double)CHUNK / 1e6;
 	printf("GUEST_P9_BENCH write_mbps=%.2f read_mbps=%.2f files_per_s=%.1f write_s=%.3f "
 	       "read_s=%.3f files_s=%.3f\n",

@@ -20,7 +20,7 @@ use super::config::{PciConfig, PciHeader};
 use super::msix::{MsiRouting, Msix, MsixVector, MAX_VECTORS, MSIX_CAP_ID};
 use super::{BarReprogram, PciDevice, VIRTIO_VENDOR_ID};
 use crate::rate_limit::RateLimit;
-use crate::virtio::chain::queue_in_memory;
+use crate::virtio::chain::{queue_in_memory, VIRTIO_RING_F_EVENT_IDX};
 use crate::virtio::{
     ActivatedQueue, Counters, InterruptKind, QueueNotify, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1,
@@ -42,8 +42,6 @@ pub const STATUS_DRIVER_OK: u8 = 4;
 pub const STATUS_FEATURES_OK: u8 = 8;
 pub const STATUS_NEEDS_RESET: u8 = 0x40;
 pub const STATUS_FAILED: u8 = 0x80;
-
-const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 /// Vendor-specific capability carrying a virtio structure's location.
 const CAP_VENDOR: u8 = 0x09;

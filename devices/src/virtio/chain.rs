@@ -17,6 +17,9 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Perm
 
 /// VIRTIO_RING_F_INDIRECT_DESC (virtio 1.2, 6).
 pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+/// VIRTIO_RING_F_EVENT_IDX (virtio 1.2, 6): the transport turns it on in the queues it hands
+/// over; a device that offers it must [`rearm`] before it waits for a kick.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 /// The next chain the device may serve, or None when the driver posted nothing (or broke its
 /// avail ring: an index more than a queue ahead, which only a reset repairs).

@@ -41,8 +41,7 @@ use worker::{Activation, Command, PairQueues, WorkerThread};
 pub const QUEUE_SIZE: u16 = 256;
 pub const CTRL_QUEUE_SIZE: u16 = 64;
 
-pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+pub use super::chain::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
 const fn bit(b: u32) -> u64 {
     1 << b

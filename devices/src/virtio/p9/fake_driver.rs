@@ -2,6 +2,12 @@
 //! `GuestMemoryMmap`, request/reply buffer pairs in fixed slots, kicks straight to the
 //! device's workers (what the event loop does on a guest notification) and completions
 //! awaited on a condition variable the device's interrupt signals.
+//!
+//! It negotiates what Linux's driver does unless told otherwise: with EVENT_IDX it kicks only
+//! when the device's avail_event asks for it and publishes used_event as it consumes
+//! completions (as virtio_ring.c does); with indirect descriptors on, each request goes in
+//! an indirect table, its two buffers whole or, with `split_pages`, cut in pages as Linux's
+//! zero-copy requests are.
 
 use std::num::Wrapping;
 use std::path::Path;
@@ -16,6 +22,7 @@ use super::server::ServerOptions;
 use super::server::{Ownership, MAX_MSIZE};
 use super::wire::*;
 use super::{P9Error, P9};
+use crate::virtio::chain::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use crate::virtio::{
     ActivatedQueue, InterruptKind, QueueNotify, ThreadConfinement, Unconfined, VirtioDevice,
     VirtioInterrupt,
@@ -26,12 +33,25 @@ const AVAIL: u64 = 0x2000;
 const USED: u64 = 0x3000;
 /// Slot `i`'s request buffer is at `SLOTS + 2 * i * SLOT_SIZE`, its reply buffer right after.
 const SLOTS: u64 = 1 << 20;
+/// Slot `i`'s indirect table (4 KiB: 256 descriptors) is at `TABLES + i * 4096`.
+const TABLES: u64 = 0x1_0000;
+/// Where [`FakeDriver::post_indirect`] may put a table of its own (up to `SLOTS`).
+pub const SPARE_TABLE: u64 = 0x2_0000;
+/// avail_event (after the used ring) and used_event (after the avail ring).
+const AVAIL_EVENT: u64 = USED + 4 + 8 * super::QUEUE_SIZE as u64;
+const USED_EVENT: u64 = AVAIL + 4 + 2 * super::QUEUE_SIZE as u64;
 pub const SLOT_SIZE: u64 = 1 << 20;
 /// Requests the driver keeps in flight at most.
 pub const MAX_SLOTS: u16 = 16;
 const MEM_SIZE: usize = (SLOTS + 2 * MAX_SLOTS as u64 * SLOT_SIZE) as usize;
 pub const VRING_DESC_F_NEXT: u16 = 1;
 pub const VRING_DESC_F_WRITE: u16 = 2;
+pub const VRING_DESC_F_INDIRECT: u16 = 4;
+/// What Linux's driver negotiates with our device.
+pub const LINUX_FEATURES: u64 = crate::virtio::VIRTIO_F_VERSION_1
+    | super::VIRTIO_9P_F_MOUNT_TAG
+    | VIRTIO_RING_F_EVENT_IDX
+    | VIRTIO_RING_F_INDIRECT_DESC;
 const STALL: Duration = Duration::from_secs(20);
 
 /// Counts interrupts and wakes whoever waits for one.
@@ -49,21 +69,44 @@ impl VirtioInterrupt for WaitingInterrupt {
     }
 }
 
+impl WaitingInterrupt {
+    pub fn count(&self) -> u64 {
+        *self.count.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 pub struct FakeDriver {
     pub mem: GuestMemoryMmap,
     pub device: P9,
-    interrupt: Arc<WaitingInterrupt>,
+    pub interrupt: Arc<WaitingInterrupt>,
     next_avail: Wrapping<u16>,
     last_used: Wrapping<u16>,
+    /// The avail index the last kick published.
+    kicked_avail: Wrapping<u16>,
+    features: u64,
+    /// Kicks that reached the device.
+    pub kicks: u64,
+    /// With indirect descriptors: cut each buffer in pages (at most 128 pieces).
+    pub split_pages: bool,
 }
 
 impl FakeDriver {
     /// A device exporting `export`, its workers confined by `confinement`, activated on a
-    /// fresh queue.
+    /// fresh queue with [`LINUX_FEATURES`].
     pub fn new(
         export: &Path,
         options: ServerOptions,
         confinement: Arc<dyn ThreadConfinement>,
+    ) -> Result<Self, P9Error> {
+        Self::with_features(export, options, confinement, LINUX_FEATURES)
+    }
+
+    /// As [`FakeDriver::new`], the driver accepting `features` of what the device offers.
+    pub fn with_features(
+        export: &Path,
+        options: ServerOptions,
+        confinement: Arc<dyn ThreadConfinement>,
+        features: u64,
     ) -> Result<Self, P9Error> {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
             .map_err(|e| P9Error::EventFd(std::io::Error::other(e.to_string())))?;
@@ -75,6 +118,10 @@ impl FakeDriver {
         queue.set_avail_ring_address(Some(AVAIL as u32), Some(0));
         queue.set_used_ring_address(Some(USED as u32), Some(0));
         queue.set_ready(true);
+        let features = features & device.avail_features();
+        device.set_acked_features(features);
+        // What the transport does at DRIVER_OK.
+        queue.set_event_idx(features & VIRTIO_RING_F_EVENT_IDX != 0);
         let interrupt = Arc::new(WaitingInterrupt::default());
         let notify = QueueNotify::new().map_err(P9Error::EventFd)?;
         device
@@ -93,7 +140,15 @@ impl FakeDriver {
             interrupt,
             next_avail: Wrapping(0),
             last_used: Wrapping(0),
+            kicked_avail: Wrapping(0),
+            features,
+            kicks: 0,
+            split_pages: false,
         })
+    }
+
+    fn event_idx(&self) -> bool {
+        self.features & VIRTIO_RING_F_EVENT_IDX != 0
     }
 
     pub fn request_addr(slot: u16) -> u64 {
@@ -104,9 +159,9 @@ impl FakeDriver {
         Self::request_addr(slot) + SLOT_SIZE
     }
 
-    /// Posts a chain of `(addr, len, flags)` descriptors (next links added) at descriptor
-    /// index `first`, without kicking.
-    pub fn post_chain(&mut self, first: u16, descs: &[(u64, u32, u16)]) {
+    /// Writes `descs` as a chain (next links added, indices from `first`) in the table at
+    /// `table`.
+    fn write_table(&self, table: u64, first: u16, descs: &[(u64, u32, u16)]) {
         for (i, &(addr, len, flags)) in descs.iter().enumerate() {
             let index = first + i as u16;
             let (flags, next) = if i + 1 < descs.len() {
@@ -120,9 +175,33 @@ impl FakeDriver {
             desc[12..14].copy_from_slice(&flags.to_le_bytes());
             desc[14..].copy_from_slice(&next.to_le_bytes());
             self.mem
-                .write_slice(&desc, GuestAddress(DESC + 16 * u64::from(index)))
+                .write_slice(&desc, GuestAddress(table + 16 * u64::from(index)))
                 .expect("descriptor in guest memory");
         }
+    }
+
+    /// Posts a chain of `(addr, len, flags)` descriptors (next links added) at descriptor
+    /// index `first`, without kicking.
+    pub fn post_chain(&mut self, first: u16, descs: &[(u64, u32, u16)]) {
+        self.write_table(DESC, first, descs);
+        self.post_head(first);
+    }
+
+    /// Posts `descs` as an indirect table at `table`, its one ring descriptor at index `head`,
+    /// without kicking.
+    pub fn post_indirect(&mut self, head: u16, table: u64, descs: &[(u64, u32, u16)]) {
+        self.write_table(table, 0, descs);
+        self.write_table(
+            DESC,
+            head,
+            &[(table, 16 * descs.len() as u32, VRING_DESC_F_INDIRECT)],
+        );
+        self.post_head(head);
+    }
+
+    /// Puts `head` on the avail ring (not yet published).
+    fn post_head(&mut self, head: u16) {
+        let first = head;
         let ring = u64::from(self.next_avail.0 % super::QUEUE_SIZE);
         self.mem
             .write_obj(first.to_le(), GuestAddress(AVAIL + 4 + 2 * ring))
@@ -130,7 +209,8 @@ impl FakeDriver {
         self.next_avail += 1;
     }
 
-    /// Publishes what was posted and wakes the device.
+    /// Publishes what was posted and wakes the device if it asked for it (virtio_ring.c's
+    /// virtqueue_kick_prepare: avail_event with EVENT_IDX, else the used ring's NO_NOTIFY).
     pub fn kick(&mut self) {
         self.mem
             .store(
@@ -139,22 +219,82 @@ impl FakeDriver {
                 Ordering::Release,
             )
             .expect("avail index in guest memory");
-        self.device.kick();
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let (new, old) = (self.next_avail, self.kicked_avail);
+        self.kicked_avail = new;
+        let wanted = if self.event_idx() {
+            let event: u16 = self
+                .mem
+                .load(GuestAddress(AVAIL_EVENT), Ordering::Acquire)
+                .expect("avail_event in guest memory");
+            // vring_need_event(event, new, old)
+            new - Wrapping(event) - Wrapping(1) < new - old
+        } else {
+            let flags: u16 = self
+                .mem
+                .load(GuestAddress(USED), Ordering::Acquire)
+                .expect("used flags in guest memory");
+            flags & 1 == 0
+        };
+        if wanted {
+            self.kicks += 1;
+            self.device.kick();
+        }
     }
 
-    /// Posts `message` in slot `slot` with a reply buffer of `reply_len` bytes.
+    /// Sets used_event: the device interrupts once the used index passes `event`.
+    pub fn set_used_event(&self, event: u16) {
+        self.mem
+            .store(event.to_le(), GuestAddress(USED_EVENT), Ordering::Release)
+            .expect("used_event in guest memory");
+    }
+
+    /// The device's used index.
+    pub fn used_idx(&self) -> u16 {
+        self.mem
+            .load(GuestAddress(USED + 2), Ordering::Acquire)
+            .expect("used index in guest memory")
+    }
+
+    /// The device's avail_event.
+    pub fn avail_event(&self) -> u16 {
+        self.mem
+            .load(GuestAddress(AVAIL_EVENT), Ordering::Acquire)
+            .expect("avail_event in guest memory")
+    }
+
+    /// Posts `message` in slot `slot` with a reply buffer of `reply_len` bytes: two ring
+    /// descriptors, or with indirect descriptors negotiated an indirect table of both buffers
+    /// (cut in pages with `split_pages`).
     pub fn submit(&mut self, slot: u16, message: &[u8], reply_len: u32) {
         let request = Self::request_addr(slot);
         self.mem
             .write_slice(message, GuestAddress(request))
             .expect("request buffer in guest memory");
-        self.post_chain(
-            2 * slot,
-            &[
-                (request, message.len() as u32, 0),
-                (Self::reply_addr(slot), reply_len, VRING_DESC_F_WRITE),
-            ],
-        );
+        if self.features & VIRTIO_RING_F_INDIRECT_DESC == 0 {
+            self.post_chain(
+                2 * slot,
+                &[
+                    (request, message.len() as u32, 0),
+                    (Self::reply_addr(slot), reply_len, VRING_DESC_F_WRITE),
+                ],
+            );
+            return;
+        }
+        let mut descs = Vec::new();
+        if self.split_pages {
+            pages(&mut descs, request, message.len() as u32, 0);
+            pages(
+                &mut descs,
+                Self::reply_addr(slot),
+                reply_len,
+                VRING_DESC_F_WRITE,
+            );
+        } else {
+            descs.push((request, message.len() as u32, 0));
+            descs.push((Self::reply_addr(slot), reply_len, VRING_DESC_F_WRITE));
+        }
+        self.post_indirect(2 * slot, TABLES + 4096 * u64::from(slot), &descs);
     }
 
     /// The next completion: (descriptor head, bytes written), waiting for it.
@@ -185,6 +325,10 @@ impl FakeDriver {
         let id: u32 = self.mem.read_obj(GuestAddress(at)).expect("used ring");
         let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).expect("used ring");
         self.last_used += 1;
+        if self.event_idx() {
+            // Interrupt for the next one (virtqueue_get_buf does the same).
+            self.set_used_event(self.last_used.0);
+        }
         (id as u16, len)
     }
 
@@ -204,6 +348,18 @@ impl FakeDriver {
         let (head, len) = self.complete();
         assert_eq!(head, 0);
         self.reply(0, len)
+    }
+}
+
+/// Appends `len` bytes at `addr` as descriptors of at most 128 pieces, each a multiple of
+/// 4 KiB (the last one shorter).
+fn pages(descs: &mut Vec<(u64, u32, u16)>, addr: u64, len: u32, flags: u16) {
+    let piece = len.div_ceil(128).next_multiple_of(4096).max(4096);
+    let mut done = 0;
+    while done < len {
+        let n = piece.min(len - done);
+        descs.push((addr + u64::from(done), n, flags));
+        done += n;
     }
 }
 

@@ -11,6 +11,14 @@
 //!
 //! Malformed requests (too short, larger than msize, without a reply buffer, with bad fids)
 //! complete with an Rlerror, or with nothing when there is no room for one.
+//!
+//! The ring features Linux's driver uses: indirect descriptor tables (a 512 KiB zero-copy
+//! request is ~130 descriptors; [`pop_chain`] takes them only when negotiated, and a chain of
+//! more than [`MAX_DESCRIPTORS`] is refused) and EVENT_IDX. Kicks are wanted only while a
+//! worker is free to take the request: the worker that takes the last free place leaves them
+//! off, and every worker about to wait turns them back on and looks again ([`rearm`]) under
+//! the lock [`P9::kick`] takes, so a request posted meanwhile is either seen or kicked.
+//! Completions interrupt only when the driver's used_event asks for it.
 
 #[cfg(any(test, feature = "fake-driver"))]
 pub mod fake_driver;
@@ -38,6 +46,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use self::server::{Server, ServerOptions, MAX_MSIZE};
 use self::wire::{encode_error, HEADER_SIZE, RLERROR, TFLUSH, TREAD, TWRITE};
+use super::chain::{pop_chain, rearm, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use super::{
     ActivateError, ActivatedQueue, Counters, DeviceCounters, InterruptKind, QueueNotify,
     ThreadConfinement, VirtioDevice, VirtioInterrupt, TYPE_9P, VIRTIO_F_VERSION_1,
@@ -50,6 +59,9 @@ pub const QUEUE_SIZE: u16 = 128;
 pub const VIRTIO_9P_F_MOUNT_TAG: u64 = 1;
 /// Worker threads per device: enough to keep a few host requests in flight on 2-4 vCPUs.
 pub const WORKERS: usize = 4;
+/// Descriptors one request may have: a 512 KiB msize in 4 KiB pages each way (Linux's zero-copy
+/// requests) and their headers, with room to spare.
+pub const MAX_DESCRIPTORS: usize = 512;
 
 #[derive(Debug, thiserror::Error)]
 pub enum P9Error {
@@ -72,6 +84,8 @@ struct Active {
     mem: Arc<GuestMemoryMmap>,
     queue: Queue,
     interrupt: Arc<dyn VirtioInterrupt>,
+    /// VIRTIO_RING_F_INDIRECT_DESC was negotiated.
+    indirect: bool,
 }
 
 #[derive(Default)]
@@ -88,6 +102,9 @@ struct State {
     reading: BTreeSet<u64>,
     /// Tags of requests taken and not completed yet (a guest may reuse one; hence counts).
     tags: HashMap<u16, usize>,
+    /// Workers waiting for work, for tests that need them all asleep.
+    #[cfg(test)]
+    idle: usize,
 }
 
 impl State {
@@ -148,6 +165,10 @@ struct Shared {
     /// Signalled on kicks, activation, resume and stop (for workers), and when a request
     /// completes (for pause and reset, which wait for `in_flight` to drain).
     changed: Condvar,
+    /// Run by the next worker that finds the queue empty, before it turns kicks back on: a
+    /// test's way to post a request in that window.
+    #[cfg(test)]
+    window: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl Shared {
@@ -158,6 +179,7 @@ impl Shared {
 
 pub struct P9 {
     config: Vec<u8>,
+    acked_features: u64,
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
     /// Written by activate/reset (vCPU thread) for the event loop side.
@@ -216,9 +238,12 @@ impl P9 {
             stats: P9Stats::default(),
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
+            #[cfg(test)]
+            window: Mutex::new(None),
         });
         let mut device = P9 {
             config,
+            acked_features: 0,
             shared,
             workers: Vec::new(),
             wake: EventFd::new(libc::EFD_NONBLOCK).map_err(P9Error::EventFd)?,
@@ -279,21 +304,56 @@ fn serve(shared: &Shared) {
         }
         let generation = state.generation;
         let paused = state.paused;
+        // This worker is free: with it, `in_flight` would reach WORKERS.
+        let last_free = state.in_flight + 1 >= WORKERS;
         let taken = match state.active.as_mut() {
             Some(active) if !paused => {
                 let mem = active.mem.clone();
-                active
-                    .queue
-                    .pop_descriptor_chain(mem.clone())
-                    .map(|chain| (chain, mem, active.interrupt.clone()))
+                match pop_chain(&mut active.queue, mem.clone(), active.indirect) {
+                    Some(chain) => {
+                        if last_free {
+                            // Nobody is left to take a kick's request until one of us is done
+                            // (each looks at the queue then). With EVENT_IDX this is a no-op:
+                            // the avail_event published last already stopped kicks.
+                            let _ = active.queue.disable_notification(mem.as_ref());
+                        } else if rearm(&mut active.queue, mem.as_ref()) {
+                            // More posted: a free worker takes it now (EVENT_IDX: the
+                            // driver kicked only for the first of them).
+                            shared.changed.notify_one();
+                        }
+                        Some((chain, mem, active.interrupt.clone()))
+                    }
+                    None => {
+                        #[cfg(test)]
+                        if let Some(post) = shared.window.lock().ok().and_then(|mut w| w.take()) {
+                            post();
+                        }
+                        // Anything posted since the look, before the driver could see kicks
+                        // were wanted, is seen here.
+                        if rearm(&mut active.queue, mem.as_ref()) {
+                            continue;
+                        }
+                        None
+                    }
+                }
             }
             _ => None,
         };
         let Some((chain, mem, interrupt)) = taken else {
+            // Kicks are on (rearm above) and `kick` takes this lock: a request posted after
+            // the look is kicked, and the kick wakes us.
+            #[cfg(test)]
+            {
+                state.idle += 1;
+            }
             state = shared
                 .changed
                 .wait(state)
                 .unwrap_or_else(|e| e.into_inner());
+            #[cfg(test)]
+            {
+                state.idle -= 1;
+            }
             continue;
         };
         state.in_flight += 1;
@@ -373,6 +433,9 @@ fn read_request(
     mem: &GuestMemoryMmap,
     request: &mut Vec<u8>,
 ) -> Result<u16, (u16, i32)> {
+    if too_long(chain) {
+        return Err((u16::MAX, libc::EINVAL));
+    }
     let mut reader = chain
         .clone()
         .reader(mem)
@@ -396,6 +459,12 @@ fn read_request(
     Ok(tag)
 }
 
+/// Whether `chain` has more than [`MAX_DESCRIPTORS`] descriptors (an indirect table may have
+/// 65535); counted before a reader or writer collects them.
+fn too_long(chain: &virtio_queue::DescriptorChain<Arc<GuestMemoryMmap>>) -> bool {
+    chain.clone().nth(MAX_DESCRIPTORS).is_some()
+}
+
 /// The tag a well-formed Tflush asks to flush.
 fn flushed_tag(request: &[u8], tag: Result<u16, (u16, i32)>) -> Option<u16> {
     match (tag, request) {
@@ -416,6 +485,9 @@ fn answer(
     request_tag: Result<u16, (u16, i32)>,
     reply: &mut Vec<u8>,
 ) -> u32 {
+    if too_long(&chain) {
+        return 0;
+    }
     let Ok(mut writer) = chain.writer(mem) else {
         return 0;
     };
@@ -478,11 +550,17 @@ impl VirtioDevice for P9 {
     }
 
     fn avail_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_9P_F_MOUNT_TAG
+        VIRTIO_F_VERSION_1
+            | VIRTIO_9P_F_MOUNT_TAG
+            | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_RING_F_INDIRECT_DESC
     }
 
-    /// No feature changes what the device does.
-    fn set_acked_features(&mut self, _features: u64) {}
+    /// Kept for activation: whether indirect tables are allowed (the transport turns EVENT_IDX
+    /// on in the queues themselves).
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         super::read_config_bytes(&self.config, offset, data);
@@ -502,6 +580,7 @@ impl VirtioDevice for P9 {
             mem: Arc::new(mem),
             queue: q.queue,
             interrupt,
+            indirect: self.acked_features & VIRTIO_RING_F_INDIRECT_DESC != 0,
         });
         if let Some(old) = self.notify.replace(q.notify) {
             if self.notify_watched {

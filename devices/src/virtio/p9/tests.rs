@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::fake_driver::{
-    error_of, exercise, message, parse_reply, qid_path, Client, FakeDriver, AT_REMOVEDIR, O_CREAT,
-    O_DIRECTORY, O_RDONLY, O_RDWR, ROOT, VRING_DESC_F_WRITE,
+    error_of, exercise, message, parse_reply, qid_path, Client, FakeDriver, AT_REMOVEDIR,
+    LINUX_FEATURES, O_CREAT, O_DIRECTORY, O_RDONLY, O_RDWR, ROOT, SPARE_TABLE, VRING_DESC_F_WRITE,
 };
 use super::server::{Ownership, ServerOptions, MAX_MSIZE, MIN_MSIZE};
 use super::wire::*;
@@ -771,4 +771,240 @@ fn counters_follow_the_requests() {
     let delta: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
     assert!(delta[0] >= 5, "requests {delta:?}");
     assert_eq!(delta[1..], [1, 14, 11], "errors, bytes read and written");
+}
+
+/// A client whose driver accepts only `features` of what the device offers.
+fn client_with(export: &Path, features: u64) -> Client {
+    let options = ServerOptions {
+        ownership: Ownership::Vmm,
+        readonly: false,
+    };
+    let driver = FakeDriver::with_features(
+        export,
+        options,
+        Arc::new(crate::virtio::Unconfined),
+        features,
+    )
+    .unwrap();
+    Client::over(driver)
+}
+
+/// Waits (20 s at most) until `ready` holds.
+fn wait_until(mut ready: impl FnMut() -> bool, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !ready() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn requests_in_indirect_tables_are_answered() {
+    let scratch = Scratch::new("indirect");
+    let export = scratch.export();
+    // Client::new negotiates as Linux does: every request goes in an indirect table, here
+    // with its buffers cut in pages (a 300 KB write is ~200 descriptors).
+    let mut c = Client::new(&export, false);
+    c.driver.split_pages = true;
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 4096) as u8).collect();
+    let f = c.create(&[], b"f", 0o644).unwrap();
+    assert_eq!(c.write(f, 0, &data).unwrap(), data.len() as u32);
+    assert_eq!(c.read(f, 0, data.len() as u32).unwrap(), data);
+    assert_eq!(fs::read(export.join("f")).unwrap(), data);
+}
+
+#[test]
+fn indirect_tables_need_the_feature_and_have_a_bound() {
+    let scratch = Scratch::new("indirect-bound");
+    let export = scratch.export();
+    let getattr = message(TGETATTR, 5, |e| {
+        e.u32(ROOT).u64(0x7ff);
+    });
+    let (req, reply_at) = (FakeDriver::request_addr(0), FakeDriver::reply_addr(0));
+    // A request of one readable descriptor and `n` writable ones of 64 bytes, in a table.
+    let post = |c: &mut Client, n: u32| {
+        c.driver
+            .mem
+            .write_slice(&getattr, vm_memory::GuestAddress(req))
+            .unwrap();
+        let mut descs = vec![(req, getattr.len() as u32, 0)];
+        descs.extend((0..n).map(|i| (reply_at + 64 * u64::from(i), 64, VRING_DESC_F_WRITE)));
+        let used = c.driver.used_idx();
+        c.driver.post_indirect(0, SPARE_TABLE, &descs);
+        c.driver.kick();
+        // A refused chain is returned without an interrupt (chain::pop_chain): look at the
+        // used index instead of waiting for one.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while c.driver.used_idx() == used && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        c.driver.complete()
+    };
+
+    // Not negotiated: the chain goes back empty, unserved.
+    let mut c = client_with(&export, LINUX_FEATURES & !VIRTIO_RING_F_INDIRECT_DESC);
+    assert_eq!(post(&mut c, 4), (0, 0));
+    assert!(c.getattr(ROOT).is_ok());
+    drop(c);
+
+    let mut c = Client::new(&export, false);
+    // MAX_DESCRIPTORS in all is served; one more is refused, and the device goes on.
+    let (head, len) = post(&mut c, MAX_DESCRIPTORS as u32 - 1);
+    assert_eq!(head, 0);
+    assert_eq!(parse_reply(&c.driver.reply(0, len)).0, TGETATTR + 1);
+    assert_eq!(post(&mut c, MAX_DESCRIPTORS as u32), (0, 0));
+    assert!(c.getattr(ROOT).is_ok());
+}
+
+#[test]
+fn event_idx_interrupts_only_past_used_event() {
+    let scratch = Scratch::new("used-event");
+    let export = scratch.export();
+    // Three requests whose driver wants an interrupt only once the used index passes
+    // `base + 2`, i.e. for the third completion; without EVENT_IDX every one interrupts.
+    let interrupts = |c: &mut Client, event_idx: bool| {
+        let before = c.driver.interrupt.count();
+        let base = c.driver.used_idx();
+        if event_idx {
+            c.driver.set_used_event(base.wrapping_add(2));
+        }
+        for slot in 0..3u16 {
+            let msg = message(TGETATTR, slot, |e| {
+                e.u32(ROOT).u64(0x7ff);
+            });
+            c.driver.submit(slot, &msg, 4096);
+        }
+        c.driver.kick();
+        let done = base.wrapping_add(3);
+        wait_until(|| c.driver.used_idx() == done, "three completions");
+        // Late interrupts would show up here.
+        std::thread::sleep(Duration::from_millis(50));
+        let raised = c.driver.interrupt.count() - before;
+        for _ in 0..3 {
+            c.driver.complete();
+        }
+        raised
+    };
+    let mut c = Client::new(&export, false);
+    assert_eq!(interrupts(&mut c, true), 1);
+    // The driver's used_event is honoured again afterwards (complete() moved it on).
+    assert!(c.getattr(ROOT).is_ok());
+    let mut c = client_with(&export, LINUX_FEATURES & !VIRTIO_RING_F_EVENT_IDX);
+    assert_eq!(interrupts(&mut c, false), 3);
+}
+
+#[test]
+fn event_idx_requests_need_no_kick_while_the_device_is_busy() {
+    let scratch = Scratch::new("avail-event");
+    let export = scratch.export();
+    let mut c = Client::new(&export, false);
+    let next = c.driver.used_idx();
+    // Idle, the device asks for a kick at the next request.
+    wait_until(|| c.driver.avail_event() == next, "avail_event published");
+    // Held by a pause (as if busy): the first request kicks, the second is posted
+    // without one (avail_event is behind) and is served all the same.
+    c.driver.device.pause();
+    let kicks = c.driver.kicks;
+    for slot in 0..2u16 {
+        let msg = message(TGETATTR, slot, |e| {
+            e.u32(ROOT).u64(0x7ff);
+        });
+        c.driver.submit(slot, &msg, 4096);
+        c.driver.kick();
+    }
+    assert_eq!(c.driver.kicks, kicks + 1);
+    c.driver.device.resume();
+    let mut heads = HashSet::new();
+    for _ in 0..2 {
+        heads.insert(c.driver.complete().0);
+    }
+    assert_eq!(heads, HashSet::from([0, 2]));
+}
+
+#[test]
+fn event_idx_strands_no_request() {
+    // Requests posted while workers drain the queue, go idle and turn kicks back on: the
+    // driver kicks only when avail_event asks for it, and any request that fell in the window
+    // between a worker's last look and its re-enabling would never complete (complete()
+    // fails after 20 s).
+    let scratch = Scratch::new("stranded");
+    let export = scratch.export();
+    fs::write(export.join("f"), vec![9u8; 64 << 10]).unwrap();
+    let mut c = Client::new(&export, false);
+    let f = c.open(&[b"f"], O_RDONLY).unwrap();
+    let driver = &mut c.driver;
+    let kicks = driver.kicks;
+    let total = 3000u32;
+    let (mut posted, mut done) = (0u32, 0u32);
+    let mut free: Vec<u16> = (0..8).collect();
+    while done < total {
+        // Between 1 and 8 in flight, varying, so the device is caught in every state.
+        let depth = 1 + (done % 8) as usize;
+        while posted < total && 8 - free.len() < depth {
+            let slot = free.pop().unwrap();
+            let msg = message(TREAD, slot, |e| {
+                e.u32(f).u64(u64::from(posted % 16) * 4096).u32(4096);
+            });
+            driver.submit(slot, &msg, 8192);
+            driver.kick();
+            posted += 1;
+        }
+        let (head, len) = driver.complete();
+        assert_eq!(len, 11 + 4096);
+        free.push(head / 2);
+        done += 1;
+    }
+    let kicks = driver.kicks - kicks;
+    assert!(
+        kicks < u64::from(total),
+        "{kicks} kicks for {total} requests"
+    );
+}
+
+#[test]
+fn event_idx_a_request_posted_as_kicks_are_re_enabled_is_served() {
+    // The classic race: a worker finds the queue empty; the driver posts a request and, seeing
+    // kicks still off, does not kick; the worker turns kicks on and waits. It must look again
+    // after turning them on, or the request waits forever.
+    let scratch = Scratch::new("window");
+    let export = scratch.export();
+    let mut c = Client::new(&export, false);
+    let next = c.driver.used_idx();
+    // Every worker asleep, so only the one woken below looks. A worker woken by the last
+    // completion's notify_all still counts as idle until it runs: the count must hold a while.
+    let mut since = std::time::Instant::now();
+    wait_until(
+        || {
+            if c.driver.device.shared.state().idle != WORKERS {
+                since = std::time::Instant::now();
+            }
+            since.elapsed() > Duration::from_millis(200)
+        },
+        "the workers idle",
+    );
+    let msg = message(TGETATTR, 3, |e| {
+        e.u32(ROOT).u64(0x7ff);
+    });
+    // Written, but published (avail index) only by the worker's hook, with no kick.
+    c.driver.submit(0, &msg, 4096);
+    let mem = c.driver.mem.clone();
+    let published = next.wrapping_add(1);
+    let kicks = c.driver.kicks;
+    *c.driver.device.shared.window.lock().unwrap() = Some(Box::new(move || {
+        mem.store(
+            published.to_le(),
+            vm_memory::GuestAddress(0x2002),
+            std::sync::atomic::Ordering::Release,
+        )
+        .unwrap();
+    }));
+    // One worker looks (as after a spurious wake-up): it finds nothing, the hook posts.
+    {
+        let _state = c.driver.device.shared.state();
+        c.driver.device.shared.changed.notify_one();
+    }
+    let (head, len) = c.driver.complete();
+    assert_eq!(head, 0);
+    assert_eq!(parse_reply(&c.driver.reply(0, len)).0, TGETATTR + 1);
+    assert_eq!(c.driver.kicks, kicks);
 }

@@ -53,8 +53,8 @@ const USAGE: &str = "usage: bench boot [--runs N] [--cpus N] [--memory MIB] \
        bench kata [--runs N] [--systems chapeau,qemu-pc] [--guest-dir DIR] [--timeout S]
        bench net [--mib N] [--runs N]
        bench net-guest [--mib N] [--round-trips N] [--systems chapeau,qemu-microvm] [--guest-dir DIR] [--timeout S]
-       bench p9 [--mib N] [--files N] [--depth N]
-       bench p9-guest [--mib N] [--files N] [--systems chapeau,qemu-microvm] [--guest-dir DIR] [--timeout S]
+       bench p9 [--mib N] [--files N] [--depth N] [--pages] [--plain]
+       bench p9-guest [--mib N] [--files N] [--kvm-events] [--systems chapeau,qemu-microvm] [--guest-dir DIR] [--timeout S]
        bench port [--mib N] [--systems chapeau,qemu-microvm] [--guest-dir DIR] [--timeout S]
        bench pmem [--image-mib N] [--data-mib N] [--systems chapeau,qemu-pc] [--guest-dir DIR] [--timeout S]";
 

@@ -7,7 +7,10 @@
 //! guest-bench.c, appended to the initramfs) writes a file in 1 MiB writes then fsyncs it,
 //! reads it back, and creates, fstats, closes and unlinks small files, timing each phase with
 //! the guest's clock. The host checks the file's size and samples the VMM's CPU time over the
-//! whole run of the helper.
+//! whole run of the helper. The helper's GUEST_P9_SNAP lines (the guest's CPU ticks and virtio
+//! interrupt counts around each phase) are printed as they came; with `--kvm-events`, `perf
+//! stat` counts the VM's KVM exits, MMIO writes (kicks) and injected interrupts over the same
+//! span.
 
 use std::time::Duration;
 
@@ -24,19 +27,27 @@ const MEMORY_MIB: u64 = 256;
 struct Options {
     mib: u64,
     files: u64,
+    kvm_events: bool,
     guest: GuestFlags,
 }
+
+/// KVM tracepoints `--kvm-events` counts: every exit, MMIO accesses (a virtio-pci kick is an
+/// MMIO write), MSIs delivered through irqfds, interrupts injected into the vCPU.
+const KVM_EVENTS: &str =
+    "kvm:kvm_exit,kvm:kvm_mmio,kvm:kvm_fast_mmio,kvm:kvm_msi_set_irq,kvm:kvm_inj_virq";
 
 pub(crate) fn run(args: &[String]) -> Result<(), Failure> {
     let mut opts = Options {
         mib: 64,
         files: 1000,
+        kvm_events: false,
         guest: GuestFlags::new(System::QemuMicrovm),
     };
     parse_flags(args, |flag, value| {
         match flag {
             "--mib" => opts.mib = parse_positive(flag, &value()?)?,
             "--files" => opts.files = parse_positive(flag, &value()?)?,
+            "--kvm-events" => opts.kvm_events = true,
             _ => return opts.guest.apply(flag, value),
         }
         Ok(true)
@@ -115,9 +126,33 @@ fn run_once(
     };
     let (mut vm, boot_s) = boot(sys, &mut cmd, ACTION, opts.guest.timeout)?;
     let pid = vm.pid();
+    let perf = if opts.kvm_events {
+        Some(
+            std::process::Command::new("perf")
+                .args(["stat", "-x,", "-e", KVM_EVENTS, "-p", &pid.to_string()])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .map_err(|e| format!("perf: {e}"))?,
+        )
+    } else {
+        None
+    };
     let before = vmm_cpu_ms(pid)?;
     vm.try_wait_for(RESULT, opts.guest.timeout)?;
     let after = vmm_cpu_ms(pid)?;
+    if let Some(perf) = perf {
+        // SAFETY: kill(2) on the pid of our own child, which we have not waited for yet.
+        unsafe { libc::kill(perf.id() as i32, libc::SIGINT) };
+        let out = perf.wait_with_output().map_err(|e| format!("perf: {e}"))?;
+        for line in String::from_utf8_lossy(&out.stderr).lines() {
+            // CSV: count,unit,event,...
+            let mut fields = line.split(',');
+            if let (Some(count), Some(event)) = (fields.next(), fields.nth(1)) {
+                println!("{}: {event} {count}", sys.name());
+            }
+        }
+    }
     // The guest powers off after its result line; only then is the line surely complete (the
     // console can be slow enough to show half of it).
     let status = vm.try_wait_exit(Duration::from_secs(300))?;
@@ -128,6 +163,9 @@ fn run_once(
         .find(|l| l.contains(RESULT))
         .ok_or("the result line went missing")?;
     println!("{}: {line}", sys.name());
+    for snap in stdout.lines().filter(|l| l.contains("GUEST_P9_SNAP")) {
+        println!("{}: {}", sys.name(), snap.trim());
+    }
     let field = |key: &str| -> Result<f64, String> {
         line.split_whitespace()
             .find_map(|w| w.strip_prefix(key))
