@@ -51,5 +51,6 @@ touch -d @0 "$T/busybox" "$T/init" "$T/fstab"
   done
 } >"$T/list"
 # Renamed into place, not rewritten: running guests may have it mapped (see build-kernel.sh).
-"$T/gen_init_cpio" -t 0 "$T/list" >"$OUT.tmp" && mv -f "$OUT.tmp" "$OUT"
+"$T/gen_init_cpio" -t 0 "$T/list" >"$OUT.tmp"
+mv -f "$OUT.tmp" "$OUT"
 ls -l "$OUT"

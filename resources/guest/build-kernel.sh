@@ -103,8 +103,10 @@ if [ "$nbad" != 0 ]; then grep MISMATCH "$CHK"; echo "config check failed" >&2; 
 make -j"$JOBS" vmlinux bzImage
 # Installed by rename, never rewritten in place: chapeau maps the kernel into running guests
 # (copy-on-write), and a file truncated and rewritten under them would change or end them.
-cp arch/x86/boot/bzImage "$OUT/bzImage.tmp" && mv -f "$OUT/bzImage.tmp" "$OUT/bzImage"
+cp arch/x86/boot/bzImage "$OUT/bzImage.tmp"
+mv -f "$OUT/bzImage.tmp" "$OUT/bzImage"
 cp System.map "$OUT/System.map"
 # No DWARF is built (DEBUG_INFO_NONE); strip anyway; .symtab stays for RIP -> symbol mapping.
-objcopy --strip-debug vmlinux "$OUT/vmlinux.tmp" && mv -f "$OUT/vmlinux.tmp" "$OUT/vmlinux"
+objcopy --strip-debug vmlinux "$OUT/vmlinux.tmp"
+mv -f "$OUT/vmlinux.tmp" "$OUT/vmlinux"
 ls -l "$OUT/vmlinux" "$OUT/bzImage"

@@ -52,6 +52,12 @@ pub enum LoadError {
     },
     #[error("kernel {0} is a bzImage without a 64-bit entry point")]
     No64BitEntry(PathBuf),
+    #[error("kernel {path} is a bzImage of {size} bytes, shorter than its {setup_size}-byte setup header says")]
+    TruncatedBzImage {
+        path: PathBuf,
+        size: u64,
+        setup_size: u64,
+    },
     #[error("initrd {path} is {size} bytes, but only {room} bytes of guest memory are free above the kernel: give the VM more --memory")]
     InitrdTooLarge { path: PathBuf, size: u64, room: u64 },
     #[error("cannot copy {what} {path} into guest memory: {source}")]
@@ -165,7 +171,15 @@ fn load_bzimage(
         return Err(LoadError::No64BitEntry(path.into()));
     }
     // linux-loader checked that the file holds the setup sectors.
-    let payload = size - setup_size;
+    // A truncated file's setup sectors can claim more than the file holds (linux-loader
+    // refuses that today; the subtraction does not rely on it).
+    let payload = size
+        .checked_sub(setup_size)
+        .ok_or_else(|| LoadError::TruncatedBzImage {
+            path: path.into(),
+            size,
+            setup_size,
+        })?;
     let load = result.kernel_load;
     let mapped = place(mem, file, "kernel", path, setup_size, load.0, payload, map)?;
     log::debug!(
@@ -785,6 +799,13 @@ mod tests {
         let kernel = load_bzimage(&mapped, &mut File::open(&path).unwrap(), &path, true).unwrap();
         assert!(same_bytes(&copied, &mapped));
         assert_eq!(kernel.end, GuestAddress(result.kernel_end));
+        // Cut inside its setup sectors: refused with a line (linux-loader's, or ours if it
+        // ever lets such a header through), never an underflow.
+        let short = std::env::temp_dir().join(format!("chapeau-short-bz-{}", std::process::id()));
+        std::fs::write(&short, &std::fs::read(&path).unwrap()[..4096]).unwrap();
+        let error = load_kernel(&ram(64), &short).err().unwrap().to_string();
+        std::fs::remove_file(&short).unwrap();
+        assert!(error.contains("bzImage"), "{error}");
     }
 
     /// The shared test guest's vmlinux, when present, passes the ELF checks and loads.
