@@ -145,7 +145,14 @@ pub struct Vcpus {
     control: Arc<Control>,
     threads: Vec<JoinHandle<()>>,
     /// Kernel thread ids (what /proc/<pid>/task lists; QMP's query-cpus reports them).
-    tids: Arc<Mutex<Vec<i32>>>,
+    tids: Arc<ThreadIds>,
+}
+
+/// The vCPU threads' kernel thread ids by vCPU index, each recorded by its thread as it starts
+/// (0 until then).
+struct ThreadIds {
+    ids: Mutex<Vec<i32>>,
+    recorded: Condvar,
 }
 
 impl Vcpus {
@@ -165,7 +172,10 @@ impl Vcpus {
                 changed: Condvar::new(),
             }),
             threads: Vec::with_capacity(vcpus.len()),
-            tids: Arc::new(Mutex::new(vec![0; vcpus.len()])),
+            tids: Arc::new(ThreadIds {
+                ids: Mutex::new(vec![0; vcpus.len()]),
+                recorded: Condvar::new(),
+            }),
         };
         for vcpu in vcpus {
             let thread = vcpu.spawn(
@@ -178,17 +188,23 @@ impl Vcpus {
         }
         // Kata reads the vCPU thread ids (QMP query-cpus-fast) as soon as the VM has started,
         // to put them in the sandbox's cgroup: wait until every thread has recorded its own
-        // (and so has its name: std names a thread before running its closure).
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while started.thread_ids().contains(&0) && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_micros(100));
-        }
+        // (and so has its name: std names a thread before running its closure). Woken by the
+        // last one, not by polling: this thread then installs its own filter while the vCPU
+        // threads install theirs.
+        let ids = started.tids.ids.lock().unwrap_or_else(|p| p.into_inner());
+        drop(
+            started
+                .tids
+                .recorded
+                .wait_timeout_while(ids, Duration::from_secs(5), |ids| ids.contains(&0))
+                .unwrap_or_else(|p| p.into_inner()),
+        );
         Ok(started)
     }
 
     /// The vCPU threads' kernel thread ids, by vCPU index (0 until a thread has started).
     pub fn thread_ids(&self) -> Vec<i32> {
-        self.tids.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.tids.ids.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn count(&self) -> usize {
@@ -324,21 +340,25 @@ impl Vcpu {
         context: VcpuContext,
         filters: Arc<SeccompFilters>,
         control: Arc<Control>,
-        tids: Arc<Mutex<Vec<i32>>>,
+        tids: Arc<ThreadIds>,
     ) -> Result<JoinHandle<()>, VcpuError> {
         let index = self.index;
         std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
+                // The raw syscall: in a static build glibc's gettid() wrapper is a weak
+                // symbol that may be left unresolved.
                 // SAFETY: gettid has no arguments and cannot fail.
-                let tid = unsafe { libc::gettid() };
+                let tid = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
                 if let Some(slot) = tids
+                    .ids
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .get_mut(usize::from(index))
                 {
                     *slot = tid;
                 }
+                tids.recorded.notify_all();
                 if let Err(e) = seccomp::apply(&filters, seccomp::VCPU_THREAD) {
                     log::error!("vcpu{index}: {e}");
                     context.exit.notify(ExitReason::Crashed);
