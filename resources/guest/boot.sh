@@ -22,5 +22,5 @@ else
   initrd=$guest/initramfs.cpio
 fi
 echo "booting $guest/vmlinux (on a PVM host the guest kernel is emulated: ~1 min to GUEST_BOOT_OK)" >&2
-exec target/release/chapeau --kernel "$guest/vmlinux" --initrd "$initrd" \
+exec target/x86_64-unknown-linux-gnu/release/chapeau --kernel "$guest/vmlinux" --initrd "$initrd" \
   --cmdline "console=ttyS0 reboot=k panic=1 $*" --cpus 2 --memory 256

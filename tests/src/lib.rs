@@ -132,7 +132,8 @@ pub fn chapeau_with_test_hooks() -> PathBuf {
             status.success(),
             "building chapeau with its test hooks failed"
         );
-        target_dir.join("debug/chapeau")
+        // .cargo/config.toml names the target, so its outputs live under the triple.
+        target_dir.join("x86_64-unknown-linux-gnu/debug/chapeau")
     })
     .clone()
 }
