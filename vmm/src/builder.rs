@@ -117,7 +117,7 @@ pub fn build_vm(
     // KVM_SET_USER_MEMORY_REGION or KVM_REINJECT_CONTROL: 5-25 ms on a loaded PVM host), and
     // the load needs only the memory, not the VM. The helper ends before this block does, and
     // no seccomp filter is in force before the VM is built, so it needs none of its own.
-    let (vm, entry) = std::thread::scope(|scope| {
+    let (vm, entry, (supported_cpuid, supported_msrs)) = std::thread::scope(|scope| {
         let creating = std::thread::Builder::new()
             .name("vm-setup".into())
             .spawn_scoped(scope, || -> Result<VmFd, BuildError> {
@@ -129,23 +129,27 @@ pub fn build_vm(
             .map_err(BuildError::Helper)?;
         let loaded = load_guest(&mem, config, &platform);
         phase("load kernel, initrd, tables");
+        // What the vCPUs may be given, asked of /dev/kvm while the VM is still being created.
+        let kvm_error = |op| move |source| KvmError::Ioctl { op, source };
+        let supported = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_error("GET_SUPPORTED_CPUID"))
+            .and_then(|cpuid| {
+                let msrs = kvm
+                    .get_msr_index_list()
+                    .map_err(kvm_error("GET_MSR_INDEX_LIST"))?;
+                Ok((cpuid, msrs))
+            });
         let created = creating
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        Ok::<_, BuildError>((created?, loaded?))
+        Ok::<_, BuildError>((created?, loaded?, supported?))
     })?;
     let vm = Arc::new(vm);
     phase("VM created and guest loaded");
 
     let devices = DeviceManager::build(&vm, &mem, config, exit, images, confinement)?;
 
-    let kvm_error = |op| move |source| KvmError::Ioctl { op, source };
-    let supported_cpuid = kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_error("GET_SUPPORTED_CPUID"))?;
-    let supported_msrs = kvm
-        .get_msr_index_list()
-        .map_err(kvm_error("GET_MSR_INDEX_LIST"))?;
     let vcpus = (0..vcpu_count)
         .map(|index| {
             Vcpu::new(
