@@ -628,6 +628,20 @@ mod tests {
             dispatch(&program),
             Err(DispatchError::PrefixJumpsPastLoad { at: 1 })
         );
+        // The same syscall checked twice.
+        let program = [
+            ld(0),
+            jump(JEQ_K, 1, 1, 0),
+            jump(JA, 1, 0, 0),
+            ret(1),
+            jump(JEQ_K, 1, 1, 0),
+            ret(0),
+            ret(1),
+        ];
+        assert_eq!(
+            dispatch(&program),
+            Err(DispatchError::DuplicateSyscall { nr: 1 })
+        );
         assert_eq!(
             dispatch(&[ld(4), ret(0)]),
             Err(DispatchError::NoSyscallLoad)
