@@ -265,29 +265,43 @@ pub fn dispatch(program: &[sock_filter]) -> Result<Vec<sock_filter>, DispatchErr
     Ok(out)
 }
 
-/// Jumps that land on a `JA` go where it goes (a conditional one only if it still reaches),
-/// and the instructions nothing reaches any more (the skips the dispatch bypasses, the rest of
-/// each block's mismatch path) are dropped. Both keep what every input returns.
+/// Jumps that land on a `JA` go where it goes, jumps to a return go to the last identical one
+/// they reach (conditional jumps reach 255 ahead), and the instructions nothing reaches any
+/// more (the skips the dispatch bypasses, each block's mismatch path, the returns now shared)
+/// are dropped. All keep what every input returns.
 fn tighten(mut program: Vec<sock_filter>) -> Result<Vec<sock_filter>, DispatchError> {
     loop {
         // Backwards, so that the JA a jump lands on already goes to its final place.
         for at in (0..program.len()).rev() {
             let insn = program[at].clone();
-            let lands_on = |offset: usize| {
-                let to = at + 1 + offset;
-                (program[to].code == JA).then(|| to + 1 + program[to].k as usize - at - 1)
+            // The offset a jump of `offset`, reaching `reach` ahead, had better take.
+            let better = |offset: usize, reach: usize| {
+                let mut to = at + 1 + offset;
+                if program[to].code == JA {
+                    to += 1 + program[to].k as usize;
+                }
+                let last = program
+                    .len()
+                    .min(at.saturating_add(reach).saturating_add(2))
+                    - 1;
+                if program[to].code == RET_K {
+                    let (code, k) = (program[to].code, program[to].k);
+                    let same = |&r: &usize| program[r].code == code && program[r].k == k;
+                    if let Some(r) = (at + 1..=last).rev().find(same) {
+                        to = r;
+                    }
+                }
+                if to <= last {
+                    to - at - 1
+                } else {
+                    offset
+                }
             };
             if insn.code == JA {
-                if let Some(offset) = lands_on(insn.k as usize) {
-                    program[at].k = offset as u32;
-                }
+                program[at].k = better(insn.k as usize, usize::MAX) as u32;
             } else if insn.code & 0x07 == JMP {
-                let thread = |short: u8| {
-                    lands_on(usize::from(short))
-                        .and_then(|offset| u8::try_from(offset).ok())
-                        .unwrap_or(short)
-                };
-                let (jt, jf) = (thread(insn.jt), thread(insn.jf));
+                let short = |offset: u8| better(usize::from(offset), MAX_SHORT_JUMP) as u8;
+                let (jt, jf) = (short(insn.jt), short(insn.jf));
                 program[at].jt = jt;
                 program[at].jf = jf;
             }
