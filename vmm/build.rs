@@ -1,7 +1,8 @@
 //! Compiles resources/seccomp/x86_64.json into BPF at build time, so the binary carries its
 //! filters and never parses a policy at run time. Each program gets a binary-search dispatch on
-//! the syscall number (src/seccomp_dispatch.rs) in place of seccompiler's linear chain, which
-//! makes installing it (the kernel emulates it for every syscall number) about twice as cheap.
+//! the syscall number in place of seccompiler's linear chain, and loses the jumps and returns
+//! that makes redundant (src/seccomp_dispatch.rs), which halves the time the kernel takes to
+//! install it (it pays per instruction, and emulates the program for every syscall number).
 //!
 //! Output format (read by src/seccomp.rs): for each thread category, sorted by name:
 //! name length (u32 LE), name, instruction count (u32 LE), then per instruction
