@@ -16,6 +16,9 @@ pub mod pvm;
 pub mod qemu;
 pub mod qmp_server;
 pub mod seccomp;
+// Used by build.rs; compiled here only for its tests.
+#[cfg(test)]
+mod seccomp_dispatch;
 #[cfg(feature = "forbidden-syscall-test")]
 pub mod test_hooks;
 pub mod vmm;
