@@ -40,6 +40,8 @@ pub fn start(path: &Path, vmm: &mut Vmm) -> Result<ApiServer, ApiServerError> {
     let thread = std::thread::Builder::new()
         .name(seccomp::API_THREAD.into())
         .spawn(move || {
+            // The allocator's lazy set-up reads /proc: before Landlock.
+            seccomp::warm_up_allocator();
             // Landlock first (its syscalls then need no room in the filter): the thread
             // only parses and forwards, so it may reach no path at all.
             let confined = crate::landlock::restrict_thread(&[])

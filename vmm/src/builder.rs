@@ -121,6 +121,9 @@ pub fn build_vm(
         let creating = std::thread::Builder::new()
             .name("vm-setup".into())
             .spawn_scoped(scope, || -> Result<VmFd, BuildError> {
+                // The allocator's once-per-process set-up needs a thread other than the
+                // main one: this one, alongside the kernel load, spares starting another.
+                crate::seccomp::warm_up_allocator();
                 let vm = vm::create_vm(&kvm, &mem)?;
                 pmem::register_slots(&vm, &images, mem.iter().count() as u32)?;
                 phase("create VM (vm-setup thread)");

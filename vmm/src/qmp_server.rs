@@ -56,6 +56,8 @@ pub fn start(endpoint: &QmpEndpoint, vmm: &mut Vmm) -> Result<QmpServer, QmpThre
     let thread = std::thread::Builder::new()
         .name(seccomp::QMP_THREAD.into())
         .spawn(move || {
+            // The allocator's lazy set-up reads /proc: before Landlock.
+            seccomp::warm_up_allocator();
             // Landlock to no path at all, then the qmp filter: the thread only parses and
             // forwards.
             if let Err(e) = confinement.confine(seccomp::QMP_THREAD) {

@@ -12,7 +12,7 @@
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::Once;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use api::SeccompMode;
 use seccompiler::{sock_filter, BpfProgram};
@@ -208,19 +208,10 @@ extern "C" fn on_sigsys(
 /// Has glibc's malloc do, before any filter, the once-per-process work it would otherwise do
 /// lazily from a filtered thread: the first time a thread's arena shrinks it opens
 /// /proc/sys/vm/overcommit_memory (check_may_shrink_heap), and once there are more than 8
-/// arenas it asks sched_getaffinity how many to allow. Fixing the arena limit now (glibc's own
-/// default, 8 per CPU) and shrinking one thread arena here leaves neither for later. The trim
-/// threshold is fixed at glibc's default (128 KiB) so that the warm-up's 256 KiB surely trims:
-/// glibc otherwise raises it, up to 64 MiB, each time a large block is freed. The warm-up takes
-/// four 64 KiB blocks, below the 128 KiB above which malloc maps a block of its own instead of
-/// growing the arena: the arena grows in four steps, where 1024 blocks of 1 KiB grew it page by
-/// page (some 250 mprotect calls, a millisecond before the API socket is served). The blocks
-/// are never written: filling them cost 64 page faults (~0.25 ms of start-up on a PVM host),
-/// and malloc needs only their headers to grow and trim the arena.
-///
-/// The warm-up thread is joined only before the first filter is installed (`allocator_ready`):
-/// meanwhile the VM is built, so its start and end cost the start-up nothing.
-fn prepare_allocator() {
+/// arenas it asks sched_getaffinity how many to allow. `set_allocator_limits` fixes the arena
+/// limit (glibc's own default, 8 per CPU) before any thread exists; `warm_up_allocator` shrinks
+/// one thread arena, which leaves nothing for later.
+fn set_allocator_limits() {
     const TRIM_THRESHOLD: libc::c_int = 128 << 10;
     let cpus = cpus_allowed();
     let arenas = libc::c_int::try_from(8 * cpus).unwrap_or(libc::c_int::MAX);
@@ -229,28 +220,45 @@ fn prepare_allocator() {
         libc::mallopt(libc::M_ARENA_MAX, arenas);
         libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
     }
-    // A new thread gets an arena of its own; freeing 256 KiB from it makes glibc trim it.
-    let warm_up = std::thread::Builder::new()
-        .name("malloc-warmup".into())
-        .spawn(|| {
-            let blocks: Vec<Vec<u8>> = (0..4).map(|_| Vec::with_capacity(64 << 10)).collect();
-            drop(std::hint::black_box(blocks));
-        });
-    if let Ok(thread) = warm_up {
-        *WARM_UP.lock().unwrap_or_else(|p| p.into_inner()) = Some(thread);
-    }
 }
 
-/// The allocator warm-up thread, until it is joined.
-static WARM_UP: Mutex<Option<std::thread::JoinHandle<()>>> = Mutex::new(None);
+/// Shrinks a thread arena once per process, before the first filter (see
+/// `set_allocator_limits`); later calls return at once, and a call made while it runs waits.
+/// It runs on the first thread that calls it: the `vm-setup` thread while the kernel loads, or
+/// the `api`/`qmp` thread before it confines itself. The main thread allocates from the main
+/// arena, which is not shrunk this way, so there it runs on a short-lived thread of its own.
+///
+/// The trim threshold is fixed at glibc's default (128 KiB) so that freeing 256 KiB surely
+/// trims: glibc otherwise raises it, up to 64 MiB, each time a large block is freed. The
+/// warm-up takes four 64 KiB blocks, below the 128 KiB above which malloc maps a block of its
+/// own instead of growing the arena: the arena grows in four steps, where 1024 blocks of 1 KiB
+/// grew it page by page (some 250 mprotect calls, a millisecond of start-up). The blocks are
+/// never written: filling them cost 64 page faults (~0.25 ms on a PVM host), and malloc needs
+/// only their headers to grow and trim the arena.
+pub fn warm_up_allocator() {
+    static WARM_UP: Once = Once::new();
+    WARM_UP.call_once(|| {
+        if is_main_thread() {
+            let helper = std::thread::Builder::new()
+                .name("malloc-warmup".into())
+                .spawn(shrink_own_arena);
+            if let Ok(thread) = helper {
+                let _ = thread.join();
+            }
+        } else {
+            shrink_own_arena();
+        }
+    });
+}
 
-/// Returns once the allocator warm-up is over. The lock is held while joining, so a second
-/// thread about to be filtered waits for it too.
-fn allocator_ready() {
-    let mut pending = WARM_UP.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(thread) = pending.take() {
-        let _ = thread.join();
-    }
+fn shrink_own_arena() {
+    let blocks: Vec<Vec<u8>> = (0..4).map(|_| Vec::with_capacity(64 << 10)).collect();
+    drop(std::hint::black_box(blocks));
+}
+
+fn is_main_thread() -> bool {
+    // SAFETY: getpid and gettid have no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) == libc::c_long::from(libc::getpid()) }
 }
 
 /// The CPUs this process may run on: glibc's own measure for its arena limit. One syscall,
@@ -275,7 +283,7 @@ pub fn prepare_process() -> Result<(), SeccompError> {
     INSTALL.call_once(|| {
         #[cfg(feature = "forbidden-syscall-test")]
         crate::test_hooks::init();
-        prepare_allocator();
+        set_allocator_limits();
         // SAFETY: a zeroed sigaction is valid; we set an SA_SIGINFO handler with the matching
         // signature and an empty mask, and pass valid pointers.
         let rc = unsafe {
@@ -326,7 +334,7 @@ pub fn apply(filters: &SeccompFilters, name: &str) -> Result<(), SeccompError> {
         .get(name)
         .ok_or_else(|| SeccompError::Missing(name.into()))?;
     prepare_process()?;
-    allocator_ready();
+    warm_up_allocator();
     remember_thread_name();
     unblock_sigsys();
     if filters.mode != SeccompMode::Off {
