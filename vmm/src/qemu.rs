@@ -13,7 +13,6 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
-use std::process::ExitCode;
 
 use api::qemu::{parse_qemu_args, QemuInvocation, QEMU_PROGRAM};
 use api::{ActionType, PendingConfig, VmmRequest};
@@ -38,23 +37,23 @@ pub fn qemu_args(args: &[std::ffi::OsString]) -> Option<&[std::ffi::OsString]> {
     (args.get(1).and_then(|a| a.to_str()) == Some("qemu")).then(|| &args[2..])
 }
 
-pub fn main(args: &[std::ffi::OsString]) -> ExitCode {
+pub fn main(args: &[std::ffi::OsString]) -> u8 {
     let invocation = match parse_qemu_args(args) {
         Ok(invocation) => invocation,
         Err(e) => {
             eprintln!("{e}");
-            return ExitCode::from(FAILURE);
+            return FAILURE;
         }
     };
     crate::logger::init(log::LevelFilter::Warn);
     // Before any thread exists: fork(2) copies only the calling thread.
     let daemon = if invocation.daemonize {
         match Daemon::fork() {
-            Ok(Fork::Parent(status)) => return ExitCode::from(status),
+            Ok(Fork::Parent(status)) => return status,
             Ok(Fork::Child(daemon)) => Some(daemon),
             Err(e) => {
                 eprintln!("{QEMU_PROGRAM}: cannot daemonize: {e}");
-                return ExitCode::from(FAILURE);
+                return FAILURE;
             }
         }
     } else {
@@ -69,12 +68,10 @@ pub fn main(args: &[std::ffi::OsString]) -> ExitCode {
             vm.qmp.finish(reason);
             drop(vm.pid_file);
             match reason {
-                ExitReason::Poweroff | ExitReason::Stopped | ExitReason::Reset => {
-                    ExitCode::from(OK)
-                }
+                ExitReason::Poweroff | ExitReason::Stopped | ExitReason::Reset => OK,
                 ExitReason::TripleFault | ExitReason::Crashed => {
                     log::error!("the guest {reason:?}; the VM ended");
-                    ExitCode::from(FAILURE)
+                    FAILURE
                 }
             }
         }
@@ -82,7 +79,7 @@ pub fn main(args: &[std::ffi::OsString]) -> ExitCode {
             // The daemon's parent sees the pipe close without "ready" and exits 1; the message
             // reaches the caller through the standard error both still share.
             eprintln!("{QEMU_PROGRAM}: {message}");
-            ExitCode::from(FAILURE)
+            FAILURE
         }
     }
 }

@@ -1,5 +1,9 @@
 //! `chapeau` as the integration tests run it (see tests/Cargo.toml).
 
-fn main() -> std::process::ExitCode {
+// Rust's runtime start-up is skipped on purpose: see `vmm::cli::main`.
+#![no_main]
+
+#[unsafe(no_mangle)]
+extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) -> libc::c_int {
     vmm::cli::main()
 }
