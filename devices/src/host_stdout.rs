@@ -55,8 +55,12 @@ mod tests {
     fn only_files_and_dev_null_are_never_waited_on() {
         let regular = File::open(std::env::current_exe().unwrap()).unwrap();
         assert!(writes_never_wait(&metadata(regular)));
-        assert!(writes_never_wait(&metadata(File::open("/dev/null").unwrap())));
-        assert!(!writes_never_wait(&metadata(File::open("/dev/zero").unwrap())));
+        assert!(writes_never_wait(&metadata(
+            File::open("/dev/null").unwrap()
+        )));
+        assert!(!writes_never_wait(&metadata(
+            File::open("/dev/zero").unwrap()
+        )));
         let (_reader, writer) = std::io::pipe().unwrap();
         assert!(!writes_never_wait(&metadata(writer)));
     }

@@ -11,8 +11,8 @@
 
 use std::cell::Cell;
 use std::collections::HashMap;
-use std::sync::Once;
 use std::sync::Arc;
+use std::sync::Once;
 
 use api::SeccompMode;
 use seccompiler::{sock_filter, BpfProgram};

@@ -204,7 +204,11 @@ impl Vcpus {
 
     /// The vCPU threads' kernel thread ids, by vCPU index (0 until a thread has started).
     pub fn thread_ids(&self) -> Vec<i32> {
-        self.tids.ids.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.tids
+            .ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn count(&self) -> usize {

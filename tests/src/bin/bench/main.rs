@@ -652,7 +652,9 @@ fn chapeau_binary() -> Result<PathBuf, String> {
         .ok()
         .and_then(|exe| exe.parent().map(|dir| dir.join("chapeau")))
         .filter(|p| p.exists())
-        .unwrap_or_else(|| workspace_root().join("target/x86_64-unknown-linux-gnu/release/chapeau"));
+        .unwrap_or_else(|| {
+            workspace_root().join("target/x86_64-unknown-linux-gnu/release/chapeau")
+        });
     if bin.exists() {
         return Ok(bin);
     }
