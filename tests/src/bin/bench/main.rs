@@ -273,32 +273,61 @@ fn kib_field(text: &str, key: &str) -> Option<u64> {
 /// How much larger than the guest's RAM its mapping may be.
 const GUEST_MAPPING_SLACK_KIB: u64 = 1024;
 
-/// From /proc/<pid>/smaps: (Rss of the guest RAM mapping, Rss of all mappings). The guest RAM is
-/// the anonymous read-write mapping whose size is the guest memory size; if several match (a
-/// coincidence with some other allocation) the one holding most memory is the guest's.
+/// One mapping of /proc/<pid>/smaps.
+struct Mapping {
+    start: u64,
+    end: u64,
+    writable_private: bool,
+    anonymous: bool,
+    rss_kib: u64,
+}
+
+/// From /proc/<pid>/smaps: (Rss of the guest RAM, Rss of all mappings). The guest RAM is a run
+/// of adjacent private read-write mappings the size of the guest memory, starting with an
+/// anonymous one: anonymous throughout, or with the kernel and initrd mapped from their files
+/// over parts of it (chapeau does). Where several runs match (a coincidence with some other
+/// allocation next to it) the one holding most memory is the guest's.
 fn parse_smaps(smaps: &str, guest_kib: u64) -> (Option<u64>, u64) {
-    let mut total = 0;
-    let mut guest: Option<u64> = None;
-    let mut candidate = false;
-    let mut size = 0;
+    let mut mappings: Vec<Mapping> = Vec::new();
     for line in smaps.lines() {
         let mut words = line.split_whitespace();
         let first = words.next().unwrap_or("");
         if first.contains('-') && !first.ends_with(':') {
             // A mapping header: "start-end perms offset dev inode [path]".
+            let (start, end) = first.split_once('-').unwrap_or(("0", "0"));
+            let address = |hex: &str| u64::from_str_radix(hex, 16).unwrap_or(0);
             let perms = words.next().unwrap_or("");
-            let path = words.nth(3);
-            candidate = perms.starts_with("rw") && path.is_none();
-            size = 0;
-        } else if first == "Size:" {
-            size = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+            mappings.push(Mapping {
+                start: address(start),
+                end: address(end),
+                writable_private: perms.starts_with("rw") && perms.ends_with('p'),
+                anonymous: words.nth(3).is_none(),
+                rss_kib: 0,
+            });
         } else if first == "Rss:" {
-            let rss: u64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
-            total += rss;
-            // chapeau maps a little more than the guest's RAM when it is large (2 GiB: 260 KiB).
-            if candidate && (guest_kib..=guest_kib + GUEST_MAPPING_SLACK_KIB).contains(&size) {
-                guest = Some(guest.map_or(rss, |g| g.max(rss)));
+            if let Some(mapping) = mappings.last_mut() {
+                mapping.rss_kib = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
             }
+        }
+    }
+    let total = mappings.iter().map(|m| m.rss_kib).sum();
+    // chapeau maps a little more than the guest's RAM when it is large (2 GiB: 260 KiB).
+    let (least, most) = (guest_kib << 10, (guest_kib + GUEST_MAPPING_SLACK_KIB) << 10);
+    let mut guest: Option<u64> = None;
+    for (first, head) in mappings.iter().enumerate() {
+        if !(head.writable_private && head.anonymous) {
+            continue;
+        }
+        let (mut end, mut rss) = (head.start, 0);
+        for piece in &mappings[first..] {
+            if piece.start != end || !piece.writable_private || piece.end - head.start > most {
+                break;
+            }
+            end = piece.end;
+            rss += piece.rss_kib;
+        }
+        if end - head.start >= least {
+            guest = Some(guest.map_or(rss, |g| g.max(rss)));
         }
     }
     (guest, total)
@@ -861,5 +890,18 @@ mod tests {
 55d000000000-55d000100000 r-xp 00000000 08:01 123  /usr/bin/chapeau\nSize:               1024 kB\nRss:                 800 kB\n\
 7f1000000000-7f1000021000 rw-p 00000000 00:00 0 \nSize:                132 kB\nRss:                  12 kB\n";
         assert_eq!(parse_smaps(smaps, 131072), (Some(40960), 41772));
+    }
+
+    #[test]
+    fn smaps_guest_mapping_with_the_kernel_mapped_over_it() {
+        // 128 MiB of guest RAM: anonymous, then the kernel's segment from its file, then
+        // anonymous again; a thread's stack right below it.
+        let smaps = "\
+7eff00000000-7eff00200000 rw-p 00000000 00:00 0 \nSize:               2048 kB\nRss:                  16 kB\n\
+7f0000000000-7f0000100000 rw-p 00000000 00:00 0 \nSize:               1024 kB\nRss:                 100 kB\n\
+7f0000100000-7f0000300000 rw-p 00000000 08:01 77  /k/vmlinux\nSize:               2048 kB\nRss:                2048 kB\n\
+7f0000300000-7f0008000000 rw-p 00000000 00:00 0 \nSize:             128000 kB\nRss:               30000 kB\n\
+55d000000000-55d000100000 r-xp 00000000 08:01 123  /usr/bin/chapeau\nSize:               1024 kB\nRss:                 800 kB\n";
+        assert_eq!(parse_smaps(smaps, 131072), (Some(32148), 32964));
     }
 }
