@@ -188,9 +188,9 @@ impl Vcpus {
         }
         // Kata reads the vCPU thread ids (QMP query-cpus-fast) as soon as the VM has started,
         // to put them in the sandbox's cgroup: wait until every thread has recorded its own
-        // (and so has its name: std names a thread before running its closure). Woken by the
-        // last one, not by polling: this thread then installs its own filter while the vCPU
-        // threads install theirs.
+        // (and so has its name: std names a thread before running its closure). Each thread
+        // signals as it records, so this wait ends with the last one, not at a polling tick:
+        // this thread then installs its own filter while the vCPU threads install theirs.
         let ids = started.tids.ids.lock().unwrap_or_else(|p| p.into_inner());
         drop(
             started
