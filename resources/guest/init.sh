@@ -183,7 +183,11 @@ echo_loop() {
   while :; do
     if [ ! -e "$port" ]; then make_vport_links; fi
     if [ -e "$port" ]; then
-      ( exec 3<>"$port" && cat <&3 >&3 ) 2>/dev/null
+      # One open for all host sessions, as an agent holds it: Linux discards what a port holds
+      # when it is closed, and a `cat` that ends at EOF (no host client yet) and reopens the
+      # port lost bytes a client sent while it was closing. Without a client, `cat` reads EOF
+      # at once: the inner loop polls every 100 ms.
+      { while :; do cat <&3 >&3; usleep 100000; done; } 3<>"$port" 2>/dev/null
     fi
     usleep 100000
   done
