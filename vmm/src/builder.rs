@@ -113,8 +113,8 @@ pub fn build_vm(
     phase("map pmem images");
     let platform = device_manager::platform(config, &images);
     // The VM is created on a helper thread while this one loads the kernel: its ioctls spend
-    // most of their time asleep in the kernel (the first SRCU grace periods of a new VM, in
-    // KVM_SET_USER_MEMORY_REGION or KVM_REINJECT_CONTROL: 5-25 ms on a loaded PVM host), and
+    // most of their time asleep in the kernel (the first SRCU grace period of a new VM, in
+    // KVM_SET_USER_MEMORY_REGION: up to 10 ms on a loaded PVM host), and
     // the load needs only the memory, not the VM. The helper ends before this block does, and
     // no seccomp filter is in force before the VM is built, so it needs none of its own.
     let (vm, entry, (supported_cpuid, supported_msrs)) = std::thread::scope(|scope| {

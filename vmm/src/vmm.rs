@@ -37,7 +37,7 @@ use crate::event_loop::{
 };
 use crate::seccomp::{self, SeccompConfinement, SeccompFilters};
 use crate::vstate::vcpu::{self, ExitCounters, VcpuContext, Vcpus};
-use crate::vstate::vm::PausedClock;
+use crate::vstate::vm::{self, PausedClock};
 use devices::host_files;
 
 #[derive(Debug, thiserror::Error)]
@@ -510,6 +510,9 @@ impl Vmm {
         crate::landlock::restrict_thread(&devices::host_files::created_file_dirs())
             .map_err(|e| internal(&e))?;
         let vcpus = Vcpus::start(built.vcpus, &context, &self.filters).map_err(|e| internal(&e))?;
+        // Only now: it sleeps through SRCU grace periods, which the first KVM_RUN need not wait
+        // for. It happens before this thread's filter, which does not allow it.
+        let pit = vm::discard_lost_pit_ticks(&built.vm);
         self.running = Some(RunningVm {
             vcpus,
             events,
@@ -522,6 +525,7 @@ impl Vmm {
             _terminal: terminal,
         });
         self.state = VmState::Running;
+        pit.map_err(|e| internal(&e))?;
         seccomp::apply(&self.filters, seccomp::VMM_THREAD).map_err(|e| internal(&e))?;
         #[cfg(feature = "forbidden-syscall-test")]
         crate::test_hooks::after_start();

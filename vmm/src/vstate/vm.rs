@@ -93,8 +93,8 @@ pub fn open_kvm(vcpus: u8) -> Result<Kvm, KvmError> {
 ioctl_io_nr!(KVM_REINJECT_CONTROL, kvm_bindings::KVMIO, 0x71);
 
 /// Creates the VM: TSS and identity-map pages, in-kernel PIC/IOAPIC/LAPIC, PIT2 with a dummy
-/// speaker and lost ticks discarded (QEMU's `kvm-pit.losttickpolicy=discard`: a guest that was
-/// not scheduled does not get a burst of catch-up ticks), and the guest RAM slots.
+/// speaker (its lost ticks are discarded by [`discard_lost_pit_ticks`], once the vCPUs run), and
+/// the guest RAM slots.
 pub fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, KvmError> {
     let vm = kvm.create_vm().map_err(ioctl("CREATE_VM"))?;
     vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
@@ -107,19 +107,6 @@ pub fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, KvmError> {
         ..Default::default()
     };
     vm.create_pit2(pit_config).map_err(ioctl("CREATE_PIT2"))?;
-    let reinject = kvm_reinject_control {
-        pit_reinject: 0,
-        ..Default::default()
-    };
-    // SAFETY: KVM_REINJECT_CONTROL reads one kvm_reinject_control that lives across the call;
-    // the fd is a VM fd we own.
-    let ret = unsafe { ioctl_with_ref(&vm, KVM_REINJECT_CONTROL(), &reinject) };
-    if ret < 0 {
-        return Err(KvmError::Ioctl {
-            op: "REINJECT_CONTROL",
-            source: kvm_ioctls::Error::last(),
-        });
-    }
     for (slot, region) in mem.iter().enumerate() {
         let host_addr = mem
             .get_host_address(region.start_addr())
@@ -139,6 +126,27 @@ pub fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, KvmError> {
         unsafe { vm.set_user_memory_region(region) }.map_err(ioctl("SET_USER_MEMORY_REGION"))?;
     }
     Ok(vm)
+}
+
+/// Makes the PIT discard the ticks a guest missed (QEMU's `kvm-pit.losttickpolicy=discard`): a
+/// guest that was not scheduled does not get a burst of catch-up ticks. KVM creates the PIT
+/// reinjecting, and turning that off waits for two SRCU grace periods (13-23 ms on a PVM host),
+/// so this is done once the vCPUs run, long before any guest programs the PIT.
+pub fn discard_lost_pit_ticks(vm: &VmFd) -> Result<(), KvmError> {
+    let reinject = kvm_reinject_control {
+        pit_reinject: 0,
+        ..Default::default()
+    };
+    // SAFETY: KVM_REINJECT_CONTROL reads one kvm_reinject_control that lives across the call;
+    // the fd is a VM fd we own.
+    let ret = unsafe { ioctl_with_ref(vm, KVM_REINJECT_CONTROL(), &reinject) };
+    if ret < 0 {
+        return Err(KvmError::Ioctl {
+            op: "REINJECT_CONTROL",
+            source: kvm_ioctls::Error::last(),
+        });
+    }
+    Ok(())
 }
 
 /// Pins 0-15 reach both the PIC and the IOAPIC, 16-23 only the IOAPIC: KVM's default routing
