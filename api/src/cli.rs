@@ -295,29 +295,7 @@ mod tests {
             "off",
         ])
         .unwrap();
-        assert_eq!(
-            config,
-            VmConfig {
-                machine: MachineConfig {
-                    vcpus: 2,
-                    memory_mib: 512,
-                    thp: false,
-                },
-                boot: BootConfig {
-                    kernel: "/guest/vmlinux".into(),
-                    initrd: Some("/guest/initramfs.cpio.gz".into()),
-                    cmdline: "console=ttyS0 quiet".into(),
-                    pvm_params: PvmParams::Off,
-                },
-                serial: SerialConfig::File("/tmp/console.log".into()),
-                console: ConsoleConfig::Off,
-                ports: vec![],
-                rng: None,
-                pmem: vec![],
-                net: vec![],
-                fs: vec![],
-            }
-        );
+        assert_eq!(config, crate::config::tests::sample());
     }
 
     #[test]

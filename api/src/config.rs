@@ -973,8 +973,33 @@ fn parse_json(origin: &str, json: &str) -> Result<VmConfig, ConfigError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A VM with every boot setting given: what `full_json_round_trip`'s JSON here and the
+    /// CLI's `flags_build_config` flags both describe.
+    pub(crate) fn sample() -> VmConfig {
+        VmConfig {
+            machine: MachineConfig {
+                vcpus: 2,
+                memory_mib: 512,
+                thp: false,
+            },
+            boot: BootConfig {
+                kernel: "/guest/vmlinux".into(),
+                initrd: Some("/guest/initramfs.cpio.gz".into()),
+                cmdline: "console=ttyS0 quiet".into(),
+                pvm_params: PvmParams::Off,
+            },
+            serial: SerialConfig::File("/tmp/console.log".into()),
+            console: ConsoleConfig::Off,
+            ports: vec![],
+            rng: None,
+            pmem: vec![],
+            net: vec![],
+            fs: vec![],
+        }
+    }
 
     fn minimal() -> VmConfig {
         VmConfig::from_json(r#"{"boot":{"kernel":"/k"}}"#).unwrap()
@@ -1135,26 +1160,7 @@ mod tests {
             "serial": {"file": "/tmp/console.log"}
         }"#;
         let config = VmConfig::from_json(json).unwrap();
-        let expected = VmConfig {
-            machine: MachineConfig {
-                vcpus: 2,
-                memory_mib: 512,
-                thp: false,
-            },
-            boot: BootConfig {
-                kernel: "/guest/vmlinux".into(),
-                initrd: Some("/guest/initramfs.cpio.gz".into()),
-                cmdline: "console=ttyS0 quiet".into(),
-                pvm_params: PvmParams::Off,
-            },
-            serial: SerialConfig::File("/tmp/console.log".into()),
-            console: ConsoleConfig::Off,
-            ports: vec![],
-            rng: None,
-            pmem: vec![],
-            net: vec![],
-            fs: vec![],
-        };
+        let expected = sample();
         assert_eq!(config, expected);
 
         let text = serde_json::to_string(&config).unwrap();
@@ -1531,21 +1537,16 @@ mod tests {
             );
         }
         check(vec![port("...", "/a")]).unwrap();
-        assert!(check(vec![port("a\u{1b}[2Jb", "/a")])
-            .unwrap_err()
-            .contains("cannot contain '\\u{1b}'"));
-        assert!(check(vec![port("a\u{7f}", "/a")])
-            .unwrap_err()
-            .contains("cannot contain '\\u{7f}'"));
-        assert!(check(vec![port("a b", "/a")])
-            .unwrap_err()
-            .contains("cannot contain ' '"));
-        assert!(check(vec![port("a\tb", "/a")])
-            .unwrap_err()
-            .contains("cannot contain '\\t'"));
-        assert!(check(vec![port("a\0b", "/a")])
-            .unwrap_err()
-            .contains("cannot contain '\\0'"));
+        for (name, shown) in [
+            ("a\u{1b}[2Jb", "'\\u{1b}'"),
+            ("a\u{7f}", "'\\u{7f}'"),
+            ("a b", "' '"),
+            ("a\tb", "'\\t'"),
+            ("a\0b", "'\\0'"),
+        ] {
+            let err = check(vec![port(name, "/a")]).unwrap_err();
+            assert!(err.contains(&format!("cannot contain {shown}")), "{err}");
+        }
         assert_eq!(
             check(vec![port("a", "/a"), port("a", "/b")]).unwrap_err(),
             "invalid ports name=\"a\": two ports have this name"
