@@ -111,7 +111,6 @@ impl Rng {
         };
         let mut used_any = false;
         let mut budget = MAX_BYTES_PER_WAKE;
-        let mut exhausted = false;
         // VIRTIO_RING_F_INDIRECT_DESC is not offered, so never negotiated.
         while let Some(chain) = pop_chain(&mut active.queue, &active.mem, false) {
             let head = chain.head_index();
@@ -130,18 +129,10 @@ impl Rng {
             self.bytes_served += u64::from(written);
             budget = budget.saturating_sub(u64::from(written).max(1));
             if budget == 0 {
-                exhausted = active.has_more();
                 break;
             }
         }
-        if used_any {
-            active.notify_used("virtio-rng");
-        }
-        if exhausted {
-            // Come back on the next turn of the loop for the rest.
-            let _ = active.notify.rewake();
-        }
-        exhausted
+        active.end_pass("virtio-rng", used_any, budget == 0)
     }
 }
 
@@ -167,8 +158,6 @@ impl VirtioDevice for Rng {
         data.fill(0);
     }
 
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
@@ -184,13 +173,11 @@ impl VirtioDevice for Rng {
     }
 
     fn counters(&self) -> DeviceCounters {
-        DeviceCounters {
-            counters: vec![
-                ("bytes_served", self.bytes_served),
-                ("read_errors", self.read_errors.count()),
-            ],
-            ports: Vec::new(),
-        }
+        vec![
+            ("bytes_served", self.bytes_served),
+            ("read_errors", self.read_errors.count()),
+        ]
+        .into()
     }
 }
 
