@@ -613,6 +613,16 @@ mod tests {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mib << 20)]).unwrap()
     }
 
+    /// A file of `len` pattern bytes placed whole at `addr` in 1 MiB of RAM, mapping allowed:
+    /// the RAM, the file and how many bytes were mapped.
+    fn place_file(name: &'static str, len: usize, addr: u64) -> (GuestMemoryMmap, TempFile, u64) {
+        let file = TempFile::new(name, &pattern(len));
+        let mem = ram(1);
+        let mut f = File::open(&file.0).unwrap();
+        let mapped = place(&mem, &mut f, name, &file.0, 0, addr, len as u64, true).unwrap();
+        (mem, file, mapped)
+    }
+
     fn same_bytes(a: &GuestMemoryMmap, b: &GuestMemoryMmap) -> bool {
         let size = usize::try_from(a.last_addr().0 + 1).unwrap();
         let (mut x, mut y) = (vec![0u8; size], vec![0u8; size]);
@@ -667,36 +677,24 @@ mod tests {
         let file = TempFile::new("place", &pattern(0x9000));
         let mem = ram(4);
         let mut f = File::open(&file.0).unwrap();
-        // Same place in a page: the three whole pages between the partial ends are mapped.
-        assert_eq!(
-            place(&mem, &mut f, "t", &file.0, 0x800, 0x1800, 0x4000, true).unwrap(),
-            0x3000
-        );
-        // Different places: copied.
-        assert_eq!(
-            place(&mem, &mut f, "t", &file.0, 0x800, 0x10000, 0x4000, true).unwrap(),
-            0
-        );
-        // Not allowed: copied.
-        assert_eq!(
-            place(&mem, &mut f, "t", &file.0, 0x1000, 0x20000, 0x4000, false).unwrap(),
-            0
-        );
-        // Within one page: nothing whole to map.
-        assert_eq!(
-            place(&mem, &mut f, "t", &file.0, 0x10, 0x30010, 0x100, true).unwrap(),
-            0
-        );
         let want = pattern(0x9000);
-        for (offset, addr, len) in [
-            (0x800, 0x1800, 0x4000),
-            (0x800, 0x10000, 0x4000),
-            (0x1000, 0x20000, 0x4000),
-            (0x10, 0x30010, 0x100),
+        // (file offset, guest address, length, mapping allowed, bytes mapped)
+        for (offset, addr, len, allowed, mapped) in [
+            // Same place in a page: the three whole pages between the partial ends are mapped.
+            (0x800, 0x1800, 0x4000, true, 0x3000),
+            // Different places: copied.
+            (0x800, 0x10000, 0x4000, true, 0),
+            // Not allowed: copied.
+            (0x1000, 0x20000, 0x4000, false, 0),
+            // Within one page: nothing whole to map.
+            (0x10, 0x30010, 0x100, true, 0),
         ] {
+            let placed = place(&mem, &mut f, "t", &file.0, offset, addr, len, allowed);
+            assert_eq!(placed.unwrap(), mapped, "{addr:#x}");
+            let (start, len) = (offset as usize, len as usize);
             let mut buf = vec![0u8; len];
             mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
-            assert_eq!(buf, want[offset..offset + len], "{addr:#x}");
+            assert_eq!(buf, want[start..start + len], "{addr:#x}");
         }
         // Around the ranges guest RAM is untouched.
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x17ff)).unwrap(), 0);
@@ -707,13 +705,8 @@ mod tests {
 
     #[test]
     fn guest_writes_to_a_mapped_file_stay_in_the_guest() {
-        let file = TempFile::new("cow", &pattern(0x3000));
-        let mem = ram(1);
-        let mut f = File::open(&file.0).unwrap();
-        assert_eq!(
-            place(&mem, &mut f, "t", &file.0, 0, 0x1000, 0x3000, true).unwrap(),
-            0x3000
-        );
+        let (mem, file, mapped) = place_file("cow", 0x3000, 0x1000);
+        assert_eq!(mapped, 0x3000);
         mem.write_obj(0u8, GuestAddress(0x1000)).unwrap();
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x1000)).unwrap(), 0);
         assert_eq!(std::fs::read(&file.0).unwrap(), pattern(0x3000));
@@ -722,13 +715,8 @@ mod tests {
     #[test]
     fn a_mapped_initrd_ends_in_zeros() {
         // 2.5 pages: two mapped, the half page copied, the rest of that page left zero.
-        let file = TempFile::new("initrd", &pattern(0x2800));
-        let mem = ram(1);
-        let mut f = File::open(&file.0).unwrap();
-        assert_eq!(
-            place(&mem, &mut f, "initrd", &file.0, 0, 0x8000, 0x2800, true).unwrap(),
-            0x2000
-        );
+        let (mem, _file, mapped) = place_file("initrd", 0x2800, 0x8000);
+        assert_eq!(mapped, 0x2000);
         let mut buf = vec![0xffu8; 0x3000];
         mem.read_slice(&mut buf, GuestAddress(0x8000)).unwrap();
         assert_eq!(buf[..0x2800], pattern(0x2800));
