@@ -1009,6 +1009,11 @@ pub(crate) mod tests {
         VmConfig::from_json(json).unwrap_err().to_string()
     }
 
+    /// The error a flag value's parse gives, as the user sees it.
+    fn parse_err<T: FromStr<Err = ConfigError> + fmt::Debug>(s: &str) -> String {
+        s.parse::<T>().unwrap_err().to_string()
+    }
+
     fn validate_err(config: &VmConfig) -> String {
         config.validate().unwrap_err().to_string()
     }
@@ -1224,11 +1229,11 @@ pub(crate) mod tests {
             SerialConfig::File("/tmp/a=b".into())
         );
         assert_eq!(
-            "file=".parse::<SerialConfig>().unwrap_err().to_string(),
+            parse_err::<SerialConfig>("file="),
             "file= needs a path, e.g. file=/tmp/console.log"
         );
         assert_eq!(
-            "tty".parse::<SerialConfig>().unwrap_err().to_string(),
+            parse_err::<SerialConfig>("tty"),
             "expected stdout, off or file=PATH"
         );
         // Display is the inverse of FromStr.
@@ -1349,13 +1354,10 @@ pub(crate) mod tests {
             PathBuf::from("/dev/hwrng")
         );
         assert_eq!(
-            "source=".parse::<RngConfig>().unwrap_err().to_string(),
+            parse_err::<RngConfig>("source="),
             "source= needs a path, e.g. source=/dev/urandom"
         );
-        assert_eq!(
-            "/dev/hwrng".parse::<RngConfig>().unwrap_err().to_string(),
-            "expected source=PATH"
-        );
+        assert_eq!(parse_err::<RngConfig>("/dev/hwrng"), "expected source=PATH");
         assert_eq!(RngConfig::default().to_string(), "source=/dev/urandom");
     }
 
@@ -1398,15 +1400,15 @@ pub(crate) mod tests {
             assert_eq!(c.to_string(), s);
         }
         assert_eq!(
-            "socket=".parse::<ConsoleConfig>().unwrap_err().to_string(),
+            parse_err::<ConsoleConfig>("socket="),
             "socket= needs a path, e.g. socket=/run/vm/console.sock"
         );
         assert_eq!(
-            "file=".parse::<ConsoleConfig>().unwrap_err().to_string(),
+            parse_err::<ConsoleConfig>("file="),
             "file= needs a path, e.g. file=/tmp/hvc0.log"
         );
         assert_eq!(
-            "tty".parse::<ConsoleConfig>().unwrap_err().to_string(),
+            parse_err::<ConsoleConfig>("tty"),
             "expected stdout, off, file=PATH or socket=PATH"
         );
     }
