@@ -992,12 +992,8 @@ pub(crate) mod tests {
                 pvm_params: PvmParams::Off,
             },
             serial: SerialConfig::File("/tmp/console.log".into()),
-            console: ConsoleConfig::Off,
-            ports: vec![],
-            rng: None,
-            pmem: vec![],
-            net: vec![],
-            fs: vec![],
+            // No devices: as `minimal_json_gets_defaults` spells out.
+            ..minimal()
         }
     }
 
