@@ -219,7 +219,7 @@ impl VirtioDevice for Pmem {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::test_util::{desc, used, CountingInterrupt};
+    use crate::virtio::test_util::{activate_on_mock, desc, used, CountingInterrupt};
     use crate::virtio::QueueNotify;
     use std::sync::atomic::Ordering;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -246,16 +246,8 @@ mod tests {
         let mock = MockSplitQueue::new(mem, queue_size);
         mock.add_desc_chains(descs, 0).unwrap();
         let mut pmem = Pmem::new(1 << 32, 64 << 20, file).unwrap();
-        let interrupt = Arc::new(CountingInterrupt::default());
-        pmem.activate(
-            mem.clone(),
-            interrupt.clone(),
-            vec![ActivatedQueue {
-                queue: mock.create_queue().unwrap(),
-                notify: Arc::new(QueueNotify::new().unwrap()),
-            }],
-        )
-        .unwrap();
+        let notify = Arc::new(QueueNotify::new().unwrap());
+        let interrupt = activate_on_mock(&mut pmem, mem, &mock, notify);
         (pmem, mem.clone(), mock, interrupt)
     }
 

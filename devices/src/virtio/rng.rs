@@ -184,7 +184,7 @@ impl VirtioDevice for Rng {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::test_util::{desc, used, CountingInterrupt};
+    use crate::virtio::test_util::{activate_on_mock, desc, used, CountingInterrupt};
     use crate::virtio::QueueNotify;
     use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
     use std::sync::atomic::Ordering;
@@ -210,16 +210,8 @@ mod tests {
     ) -> (Rng, Arc<CountingInterrupt>) {
         mock.add_desc_chains(descs, 0).unwrap();
         let mut rng = Rng::new(Path::new(DEFAULT_SOURCE)).unwrap();
-        let interrupt = Arc::new(CountingInterrupt::default());
-        rng.activate(
-            mem.clone(),
-            interrupt.clone(),
-            vec![ActivatedQueue {
-                queue: mock.create_queue().unwrap(),
-                notify: Arc::new(QueueNotify::new().unwrap()),
-            }],
-        )
-        .unwrap();
+        let notify = Arc::new(QueueNotify::new().unwrap());
+        let interrupt = activate_on_mock(&mut rng, mem, mock, notify);
         (rng, interrupt)
     }
 
@@ -418,18 +410,7 @@ mod tests {
         mock.add_desc_chains(&[desc(DATA, 32, VRING_DESC_F_WRITE, 0)], 0)
             .unwrap();
         let notify = Arc::new(QueueNotify::new().unwrap());
-        let interrupt = Arc::new(CountingInterrupt::default());
-        rng.lock()
-            .unwrap()
-            .activate(
-                mem.clone(),
-                interrupt.clone(),
-                vec![ActivatedQueue {
-                    queue: mock.create_queue().unwrap(),
-                    notify: notify.clone(),
-                }],
-            )
-            .unwrap();
+        let interrupt = activate_on_mock(&mut *rng.lock().unwrap(), &mem, &mock, notify.clone());
         manager.run_with_timeout(1000).unwrap();
         assert_eq!(mock.used().idx().load(), 1, "served on activation");
         // A kick through the notify eventfd.
