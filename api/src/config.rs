@@ -329,6 +329,34 @@ fn key_values<'a, const N: usize>(
     Ok(values)
 }
 
+/// `on` and `off`, for [`choice`].
+const ON_OFF: [(&str, bool); 2] = [("on", true), ("off", false)];
+
+/// The value of an enumerated key from `key_values`: what `value` maps to in `choices`, or
+/// `default` when the key was not given. The error lists every accepted spelling, as
+/// `key=X: expected key=a or key=b`.
+fn choice<T: Copy>(
+    key: &str,
+    value: Option<&str>,
+    choices: &[(&str, T)],
+    default: T,
+) -> Result<T, String> {
+    let Some(value) = value else {
+        return Ok(default);
+    };
+    if let Some((_, found)) = choices.iter().find(|(spelling, _)| *spelling == value) {
+        return Ok(*found);
+    }
+    let mut expected: Vec<String> = choices.iter().map(|(s, _)| format!("{key}={s}")).collect();
+    let last = expected.pop().unwrap_or_default();
+    let expected = if expected.is_empty() {
+        last
+    } else {
+        format!("{} or {last}", expected.join(", "))
+    };
+    Err(format!("{key}={value}: expected {expected}"))
+}
+
 const PORT_FORM: &str = "name=NAME,socket=PATH";
 
 /// The `--port` syntax: `name=NAME,socket=PATH`, keys in any order.
@@ -407,24 +435,9 @@ impl FromStr for PmemConfig {
             Some(file) => PathBuf::from(file),
             None => return Err(syntax(format!("missing file=PATH (expected {PMEM_FORM})"))),
         };
-        let model = match model {
-            None | Some("nvdimm") => PmemModel::Nvdimm,
-            Some("virtio") => PmemModel::Virtio,
-            Some(other) => {
-                return Err(syntax(format!(
-                    "model={other}: expected model=nvdimm or model=virtio"
-                )))
-            }
-        };
-        let readonly = match readonly {
-            None | Some("on") => true,
-            Some("off") => false,
-            Some(other) => {
-                return Err(syntax(format!(
-                    "readonly={other}: expected readonly=on or readonly=off"
-                )))
-            }
-        };
+        let models = [("nvdimm", PmemModel::Nvdimm), ("virtio", PmemModel::Virtio)];
+        let model = choice("model", model, &models, PmemModel::Nvdimm).map_err(syntax)?;
+        let readonly = choice("readonly", readonly, &ON_OFF, true).map_err(syntax)?;
         Ok(PmemConfig {
             file,
             model,
@@ -492,24 +505,18 @@ impl FromStr for FsConfig {
                 .map_err(syntax)?;
         let tag = tag.ok_or_else(|| syntax(format!("missing tag=TAG (expected {FS_FORM})")))?;
         let path = path.ok_or_else(|| syntax(format!("missing path=DIR (expected {FS_FORM})")))?;
-        let security_model = match security_model {
-            None | Some("none") => SecurityModel::None,
-            Some("passthrough") => SecurityModel::Passthrough,
-            Some(other) => {
-                return Err(syntax(format!(
-                    "security_model={other}: expected security_model=none or security_model=passthrough"
-                )))
-            }
-        };
-        let readonly = match readonly {
-            None | Some("off") => false,
-            Some("on") => true,
-            Some(other) => {
-                return Err(syntax(format!(
-                    "readonly={other}: expected readonly=on or readonly=off"
-                )))
-            }
-        };
+        let models = [
+            ("none", SecurityModel::None),
+            ("passthrough", SecurityModel::Passthrough),
+        ];
+        let security_model = choice(
+            "security_model",
+            security_model,
+            &models,
+            SecurityModel::None,
+        )
+        .map_err(syntax)?;
+        let readonly = choice("readonly", readonly, &ON_OFF, false).map_err(syntax)?;
         Ok(FsConfig {
             tag: tag.to_string(),
             path: PathBuf::from(path),
@@ -661,14 +668,6 @@ impl VmConfig {
     }
 
     pub(crate) fn validate_named(&self, names: &SettingNames) -> Result<(), ConfigError> {
-        let invalid = |setting, value: String, reason: String| {
-            Err(ConfigError::Invalid {
-                setting,
-                value,
-                reason,
-            })
-        };
-
         let vcpus = self.machine.vcpus;
         if vcpus == 0 {
             return invalid(names.vcpus, "0".into(), "a VM needs at least 1 vCPU".into());
@@ -735,16 +734,7 @@ impl VmConfig {
                 return invalid(names.rng, "\"\"".into(), "the path is empty".into());
             }
         }
-        if self.pmem.len() > MAX_PMEM_DEVICES {
-            return invalid(
-                names.pmem,
-                String::new(),
-                format!(
-                    "{} pmem images given, at most {MAX_PMEM_DEVICES} are supported",
-                    self.pmem.len()
-                ),
-            );
-        }
+        check_count(names.pmem, self.pmem.len(), MAX_PMEM_DEVICES, "pmem images")?;
         if self.pmem.iter().any(|p| p.file.as_os_str().is_empty()) {
             return invalid(names.pmem, "file=\"\"".into(), "the path is empty".into());
         }
@@ -755,22 +745,13 @@ impl VmConfig {
     }
 
     fn validate_fs(&self, names: &SettingNames) -> Result<(), ConfigError> {
-        let invalid = |value: String, reason: String| {
-            Err(ConfigError::Invalid {
-                setting: names.fs,
-                value,
-                reason,
-            })
-        };
-        if self.fs.len() > MAX_FS_DEVICES {
-            return invalid(
-                String::new(),
-                format!(
-                    "{} shared directories given, at most {MAX_FS_DEVICES} are supported",
-                    self.fs.len()
-                ),
-            );
-        }
+        let invalid = |value, reason| invalid(names.fs, value, reason);
+        check_count(
+            names.fs,
+            self.fs.len(),
+            MAX_FS_DEVICES,
+            "shared directories",
+        )?;
         for (i, fs) in self.fs.iter().enumerate() {
             let tag = &fs.tag;
             let shown = format!("tag={tag:?}");
@@ -806,14 +787,6 @@ impl VmConfig {
     }
 
     fn validate_console(&self, names: &SettingNames) -> Result<(), ConfigError> {
-        let invalid = |setting, value: String, reason: String| {
-            Err(ConfigError::Invalid {
-                setting,
-                value,
-                reason,
-            })
-        };
-
         match &self.console {
             ConsoleConfig::Off => {}
             ConsoleConfig::Stdout => {
@@ -840,16 +813,7 @@ impl VmConfig {
             }
         }
 
-        if self.ports.len() > MAX_PORTS {
-            return invalid(
-                names.port,
-                String::new(),
-                format!(
-                    "{} named ports given, at most {MAX_PORTS} are supported",
-                    self.ports.len()
-                ),
-            );
-        }
+        check_count(names.port, self.ports.len(), MAX_PORTS, "named ports")?;
         for (i, port) in self.ports.iter().enumerate() {
             let name = &port.name;
             let shown = format!("name={name:?}");
@@ -880,16 +844,36 @@ impl VmConfig {
     }
 }
 
+/// Fails with [`ConfigError::Invalid`]: `value` is the part of `setting` that is wrong.
+fn invalid(setting: &'static str, value: String, reason: String) -> Result<(), ConfigError> {
+    Err(ConfigError::Invalid {
+        setting,
+        value,
+        reason,
+    })
+}
+
+/// A repeated setting given `given` times, at most `max`; `things` names them in the error.
+fn check_count(
+    setting: &'static str,
+    given: usize,
+    max: usize,
+    things: &str,
+) -> Result<(), ConfigError> {
+    if given > max {
+        return invalid(
+            setting,
+            String::new(),
+            format!("{given} {things} given, at most {max} are supported"),
+        );
+    }
+    Ok(())
+}
+
 /// A port name must be usable as `/dev/virtio-ports/<name>` in the guest. `setting` names it in
 /// the error (`ports`, `--port`, `port`).
 pub fn check_port_name(setting: &'static str, name: &str) -> Result<(), ConfigError> {
-    let invalid = |value: String, reason: String| {
-        Err(ConfigError::Invalid {
-            setting,
-            value,
-            reason,
-        })
-    };
+    let invalid = |value, reason| invalid(setting, value, reason);
     if name.is_empty() {
         return invalid(format!("name={name:?}"), "the port name is empty".into());
     }
@@ -989,8 +973,29 @@ fn parse_json(origin: &str, json: &str) -> Result<VmConfig, ConfigError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A VM with every boot setting given: what `full_json_round_trip`'s JSON here and the
+    /// CLI's `flags_build_config` flags both describe.
+    pub(crate) fn sample() -> VmConfig {
+        VmConfig {
+            machine: MachineConfig {
+                vcpus: 2,
+                memory_mib: 512,
+                thp: false,
+            },
+            boot: BootConfig {
+                kernel: "/guest/vmlinux".into(),
+                initrd: Some("/guest/initramfs.cpio.gz".into()),
+                cmdline: "console=ttyS0 quiet".into(),
+                pvm_params: PvmParams::Off,
+            },
+            serial: SerialConfig::File("/tmp/console.log".into()),
+            // No devices: as `minimal_json_gets_defaults` spells out.
+            ..minimal()
+        }
+    }
 
     fn minimal() -> VmConfig {
         VmConfig::from_json(r#"{"boot":{"kernel":"/k"}}"#).unwrap()
@@ -1000,8 +1005,33 @@ mod tests {
         VmConfig::from_json(json).unwrap_err().to_string()
     }
 
+    /// The error a flag value's parse gives, as the user sees it.
+    fn parse_err<T: FromStr<Err = ConfigError> + fmt::Debug>(s: &str) -> String {
+        s.parse::<T>().unwrap_err().to_string()
+    }
+
     fn validate_err(config: &VmConfig) -> String {
         config.validate().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn choice_names_every_accepted_spelling() {
+        let modes = [("auto", 0), ("on", 1), ("off", 2)];
+        assert_eq!(choice("vhost", None, &modes, 0), Ok(0));
+        assert_eq!(choice("vhost", Some("off"), &modes, 0), Ok(2));
+        assert_eq!(
+            choice("vhost", Some("yes"), &modes, 0).unwrap_err(),
+            "vhost=yes: expected vhost=auto, vhost=on or vhost=off"
+        );
+        assert_eq!(
+            choice("readonly", Some("1"), &ON_OFF, true).unwrap_err(),
+            "readonly=1: expected readonly=on or readonly=off"
+        );
+        let fs = "tag=a,path=/a,security_model=mapped".parse::<FsConfig>();
+        assert_eq!(
+            fs.unwrap_err().to_string(),
+            "security_model=mapped: expected security_model=none or security_model=passthrough"
+        );
     }
 
     #[test]
@@ -1131,26 +1161,7 @@ mod tests {
             "serial": {"file": "/tmp/console.log"}
         }"#;
         let config = VmConfig::from_json(json).unwrap();
-        let expected = VmConfig {
-            machine: MachineConfig {
-                vcpus: 2,
-                memory_mib: 512,
-                thp: false,
-            },
-            boot: BootConfig {
-                kernel: "/guest/vmlinux".into(),
-                initrd: Some("/guest/initramfs.cpio.gz".into()),
-                cmdline: "console=ttyS0 quiet".into(),
-                pvm_params: PvmParams::Off,
-            },
-            serial: SerialConfig::File("/tmp/console.log".into()),
-            console: ConsoleConfig::Off,
-            ports: vec![],
-            rng: None,
-            pmem: vec![],
-            net: vec![],
-            fs: vec![],
-        };
+        let expected = sample();
         assert_eq!(config, expected);
 
         let text = serde_json::to_string(&config).unwrap();
@@ -1214,11 +1225,11 @@ mod tests {
             SerialConfig::File("/tmp/a=b".into())
         );
         assert_eq!(
-            "file=".parse::<SerialConfig>().unwrap_err().to_string(),
+            parse_err::<SerialConfig>("file="),
             "file= needs a path, e.g. file=/tmp/console.log"
         );
         assert_eq!(
-            "tty".parse::<SerialConfig>().unwrap_err().to_string(),
+            parse_err::<SerialConfig>("tty"),
             "expected stdout, off or file=PATH"
         );
         // Display is the inverse of FromStr.
@@ -1339,13 +1350,10 @@ mod tests {
             PathBuf::from("/dev/hwrng")
         );
         assert_eq!(
-            "source=".parse::<RngConfig>().unwrap_err().to_string(),
+            parse_err::<RngConfig>("source="),
             "source= needs a path, e.g. source=/dev/urandom"
         );
-        assert_eq!(
-            "/dev/hwrng".parse::<RngConfig>().unwrap_err().to_string(),
-            "expected source=PATH"
-        );
+        assert_eq!(parse_err::<RngConfig>("/dev/hwrng"), "expected source=PATH");
         assert_eq!(RngConfig::default().to_string(), "source=/dev/urandom");
     }
 
@@ -1388,15 +1396,15 @@ mod tests {
             assert_eq!(c.to_string(), s);
         }
         assert_eq!(
-            "socket=".parse::<ConsoleConfig>().unwrap_err().to_string(),
+            parse_err::<ConsoleConfig>("socket="),
             "socket= needs a path, e.g. socket=/run/vm/console.sock"
         );
         assert_eq!(
-            "file=".parse::<ConsoleConfig>().unwrap_err().to_string(),
+            parse_err::<ConsoleConfig>("file="),
             "file= needs a path, e.g. file=/tmp/hvc0.log"
         );
         assert_eq!(
-            "tty".parse::<ConsoleConfig>().unwrap_err().to_string(),
+            parse_err::<ConsoleConfig>("tty"),
             "expected stdout, off, file=PATH or socket=PATH"
         );
     }
@@ -1527,21 +1535,16 @@ mod tests {
             );
         }
         check(vec![port("...", "/a")]).unwrap();
-        assert!(check(vec![port("a\u{1b}[2Jb", "/a")])
-            .unwrap_err()
-            .contains("cannot contain '\\u{1b}'"));
-        assert!(check(vec![port("a\u{7f}", "/a")])
-            .unwrap_err()
-            .contains("cannot contain '\\u{7f}'"));
-        assert!(check(vec![port("a b", "/a")])
-            .unwrap_err()
-            .contains("cannot contain ' '"));
-        assert!(check(vec![port("a\tb", "/a")])
-            .unwrap_err()
-            .contains("cannot contain '\\t'"));
-        assert!(check(vec![port("a\0b", "/a")])
-            .unwrap_err()
-            .contains("cannot contain '\\0'"));
+        for (name, shown) in [
+            ("a\u{1b}[2Jb", "'\\u{1b}'"),
+            ("a\u{7f}", "'\\u{7f}'"),
+            ("a b", "' '"),
+            ("a\tb", "'\\t'"),
+            ("a\0b", "'\\0'"),
+        ] {
+            let err = check(vec![port(name, "/a")]).unwrap_err();
+            assert!(err.contains(&format!("cannot contain {shown}")), "{err}");
+        }
         assert_eq!(
             check(vec![port("a", "/a"), port("a", "/b")]).unwrap_err(),
             "invalid ports name=\"a\": two ports have this name"

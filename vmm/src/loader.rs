@@ -181,7 +181,8 @@ fn load_bzimage(
             setup_size,
         })?;
     let load = result.kernel_load;
-    let mapped = place(mem, file, "kernel", path, setup_size, load.0, payload, map)?;
+    let mut src = Source::new(file, "kernel", path);
+    let mapped = place(mem, &mut src, setup_size, load.0, payload, map)?;
     log::debug!(
         "kernel: {mapped} of {payload} payload bytes mapped from the file, the rest copied"
     );
@@ -274,22 +275,33 @@ fn mappable(file: &File, path: &Path) -> bool {
     map
 }
 
-/// Puts `len` bytes of `file` from `offset` at guest address `addr`. With `map`, the whole
+/// A file being loaded, named in errors as `what` (`kernel`, `initrd`) at `path`.
+struct Source<'a> {
+    file: &'a mut File,
+    what: &'static str,
+    path: &'a Path,
+}
+
+impl<'a> Source<'a> {
+    fn new(file: &'a mut File, what: &'static str, path: &'a Path) -> Self {
+        Source { file, what, path }
+    }
+}
+
+/// Puts `len` bytes of `src` from `offset` at guest address `addr`. With `map`, the whole
 /// pages in the range are mapped from the file (`memory::map_file_private`) when `offset` and
 /// `addr` lie at the same place in a page; the partial pages at either end are copied, so the
 /// bytes around the range stay as they were (zeros, or a neighbouring segment's). Everything
 /// else is copied. Returns how many bytes were mapped.
-#[allow(clippy::too_many_arguments)]
 fn place(
     mem: &GuestMemoryMmap,
-    file: &mut File,
-    what: &'static str,
-    path: &Path,
+    src: &mut Source,
     offset: u64,
     addr: u64,
     len: u64,
     map: bool,
 ) -> Result<u64, LoadError> {
+    let (what, path) = (src.what, src.path);
     let end = addr.checked_add(len).ok_or_else(|| LoadError::Copy {
         what,
         path: path.into(),
@@ -315,7 +327,7 @@ fn place(
             memory::map_file_private(
                 mem,
                 GuestAddress(first),
-                file,
+                src.file,
                 offset + (first - addr),
                 pages,
             )
@@ -323,25 +335,16 @@ fn place(
             (head_end, tail_start) = (first, last);
         }
     }
-    copy(mem, file, what, path, offset, addr, head_end - addr)?;
-    copy(
-        mem,
-        file,
-        what,
-        path,
-        offset + (tail_start - addr),
-        tail_start,
-        end - tail_start,
-    )?;
+    copy(mem, src, offset, addr, head_end - addr)?;
+    let tail_offset = offset + (tail_start - addr);
+    copy(mem, src, tail_offset, tail_start, end - tail_start)?;
     Ok(tail_start - head_end)
 }
 
-/// Copies `len` bytes of `file` from `offset` to guest address `addr`.
+/// Copies `len` bytes of `src` from `offset` to guest address `addr`.
 fn copy(
     mem: &GuestMemoryMmap,
-    file: &mut File,
-    what: &'static str,
-    path: &Path,
+    src: &mut Source,
     offset: u64,
     addr: u64,
     len: u64,
@@ -349,6 +352,7 @@ fn copy(
     if len == 0 {
         return Ok(());
     }
+    let (what, path) = (src.what, src.path);
     let copy_error = |source| LoadError::Copy {
         what,
         path: path.into(),
@@ -359,14 +363,15 @@ fn copy(
             GuestAddress(addr),
         ))
     })?;
-    file.seek(SeekFrom::Start(offset))
+    src.file
+        .seek(SeekFrom::Start(offset))
         .map_err(|source| LoadError::Read {
             what,
             path: path.into(),
             source,
         })?;
     memory::prefault(mem, GuestAddress(addr), len);
-    mem.read_exact_volatile_from(GuestAddress(addr), file, len)
+    mem.read_exact_volatile_from(GuestAddress(addr), src.file, len)
         .map_err(copy_error)
 }
 
@@ -387,10 +392,9 @@ fn load_elf(
             source,
         })?;
     let (mut end, mut mapped) = (0, 0);
+    let mut src = Source::new(file, "kernel", path);
     for seg in &checked.segments {
-        mapped += place(
-            mem, file, "kernel", path, seg.offset, seg.paddr, seg.filesz, map,
-        )?;
+        mapped += place(mem, &mut src, seg.offset, seg.paddr, seg.filesz, map)?;
         end = end.max(seg.paddr.saturating_add(seg.memsz));
     }
     log::debug!("kernel: {mapped} bytes mapped from the file, the rest copied");
@@ -433,7 +437,8 @@ pub fn load_initrd(
         }
     })?;
     let map = mappable(&file, path);
-    let mapped = place(mem, &mut file, "initrd", path, 0, addr.0, size, map)?;
+    let mut src = Source::new(&mut file, "initrd", path);
+    let mapped = place(mem, &mut src, 0, addr.0, size, map)?;
     log::debug!("initrd: {mapped} of {size} bytes mapped from the file, the rest copied");
     Ok((addr, size))
 }
@@ -613,6 +618,17 @@ mod tests {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mib << 20)]).unwrap()
     }
 
+    /// A file of `len` pattern bytes placed whole at `addr` in 1 MiB of RAM, mapping allowed:
+    /// the RAM, the file and how many bytes were mapped.
+    fn place_file(name: &'static str, len: usize, addr: u64) -> (GuestMemoryMmap, TempFile, u64) {
+        let file = TempFile::new(name, &pattern(len));
+        let mem = ram(1);
+        let mut f = File::open(&file.0).unwrap();
+        let mut src = Source::new(&mut f, name, &file.0);
+        let mapped = place(&mem, &mut src, 0, addr, len as u64, true).unwrap();
+        (mem, file, mapped)
+    }
+
     fn same_bytes(a: &GuestMemoryMmap, b: &GuestMemoryMmap) -> bool {
         let size = usize::try_from(a.last_addr().0 + 1).unwrap();
         let (mut x, mut y) = (vec![0u8; size], vec![0u8; size]);
@@ -667,53 +683,37 @@ mod tests {
         let file = TempFile::new("place", &pattern(0x9000));
         let mem = ram(4);
         let mut f = File::open(&file.0).unwrap();
-        // Same place in a page: the three whole pages between the partial ends are mapped.
-        assert_eq!(
-            place(&mem, &mut f, "t", &file.0, 0x800, 0x1800, 0x4000, true).unwrap(),
-            0x3000
-        );
-        // Different places: copied.
-        assert_eq!(
-            place(&mem, &mut f, "t", &file.0, 0x800, 0x10000, 0x4000, true).unwrap(),
-            0
-        );
-        // Not allowed: copied.
-        assert_eq!(
-            place(&mem, &mut f, "t", &file.0, 0x1000, 0x20000, 0x4000, false).unwrap(),
-            0
-        );
-        // Within one page: nothing whole to map.
-        assert_eq!(
-            place(&mem, &mut f, "t", &file.0, 0x10, 0x30010, 0x100, true).unwrap(),
-            0
-        );
+        let mut src = Source::new(&mut f, "t", &file.0);
         let want = pattern(0x9000);
-        for (offset, addr, len) in [
-            (0x800, 0x1800, 0x4000),
-            (0x800, 0x10000, 0x4000),
-            (0x1000, 0x20000, 0x4000),
-            (0x10, 0x30010, 0x100),
+        // (file offset, guest address, length, mapping allowed, bytes mapped)
+        for (offset, addr, len, allowed, mapped) in [
+            // Same place in a page: the three whole pages between the partial ends are mapped.
+            (0x800, 0x1800, 0x4000, true, 0x3000),
+            // Different places: copied.
+            (0x800, 0x10000, 0x4000, true, 0),
+            // Not allowed: copied.
+            (0x1000, 0x20000, 0x4000, false, 0),
+            // Within one page: nothing whole to map.
+            (0x10, 0x30010, 0x100, true, 0),
         ] {
+            let placed = place(&mem, &mut src, offset, addr, len, allowed);
+            assert_eq!(placed.unwrap(), mapped, "{addr:#x}");
+            let (start, len) = (offset as usize, len as usize);
             let mut buf = vec![0u8; len];
             mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
-            assert_eq!(buf, want[offset..offset + len], "{addr:#x}");
+            assert_eq!(buf, want[start..start + len], "{addr:#x}");
         }
         // Around the ranges guest RAM is untouched.
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x17ff)).unwrap(), 0);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x5800)).unwrap(), 0);
         // Beyond RAM: refused, nothing mapped.
-        assert!(place(&mem, &mut f, "t", &file.0, 0, 4 << 20, 0x2000, true).is_err());
+        assert!(place(&mem, &mut src, 0, 4 << 20, 0x2000, true).is_err());
     }
 
     #[test]
     fn guest_writes_to_a_mapped_file_stay_in_the_guest() {
-        let file = TempFile::new("cow", &pattern(0x3000));
-        let mem = ram(1);
-        let mut f = File::open(&file.0).unwrap();
-        assert_eq!(
-            place(&mem, &mut f, "t", &file.0, 0, 0x1000, 0x3000, true).unwrap(),
-            0x3000
-        );
+        let (mem, file, mapped) = place_file("cow", 0x3000, 0x1000);
+        assert_eq!(mapped, 0x3000);
         mem.write_obj(0u8, GuestAddress(0x1000)).unwrap();
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x1000)).unwrap(), 0);
         assert_eq!(std::fs::read(&file.0).unwrap(), pattern(0x3000));
@@ -722,13 +722,8 @@ mod tests {
     #[test]
     fn a_mapped_initrd_ends_in_zeros() {
         // 2.5 pages: two mapped, the half page copied, the rest of that page left zero.
-        let file = TempFile::new("initrd", &pattern(0x2800));
-        let mem = ram(1);
-        let mut f = File::open(&file.0).unwrap();
-        assert_eq!(
-            place(&mem, &mut f, "initrd", &file.0, 0, 0x8000, 0x2800, true).unwrap(),
-            0x2000
-        );
+        let (mem, _file, mapped) = place_file("initrd", 0x2800, 0x8000);
+        assert_eq!(mapped, 0x2000);
         let mut buf = vec![0xffu8; 0x3000];
         mem.read_slice(&mut buf, GuestAddress(0x8000)).unwrap();
         assert_eq!(buf[..0x2800], pattern(0x2800));

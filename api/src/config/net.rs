@@ -5,7 +5,9 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::{key_values, ConfigError, MAX_NET_DEVICES, MAX_NET_QUEUE_PAIRS, MAX_TAP_NAME_LEN};
+use super::{
+    choice, key_values, ConfigError, MAX_NET_DEVICES, MAX_NET_QUEUE_PAIRS, MAX_TAP_NAME_LEN,
+};
 
 /// An Ethernet address, written `52:54:00:12:34:56`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -161,16 +163,12 @@ impl FromStr for NetConfig {
             (None, Some(fds)) => u16::try_from(fds.len()).unwrap_or(u16::MAX),
             (None, None) => 1,
         };
-        let vhost = match vhost {
-            None | Some("auto") => VhostMode::Auto,
-            Some("on") => VhostMode::On,
-            Some("off") => VhostMode::Off,
-            Some(other) => {
-                return Err(syntax(format!(
-                    "vhost={other}: expected vhost=auto, vhost=on or vhost=off"
-                )))
-            }
-        };
+        let modes = [
+            ("auto", VhostMode::Auto),
+            ("on", VhostMode::On),
+            ("off", VhostMode::Off),
+        ];
+        let vhost = choice("vhost", vhost, &modes, VhostMode::Auto).map_err(syntax)?;
         Ok(NetConfig {
             id: id.map(str::to_string),
             tap: tap.map(str::to_string),

@@ -142,6 +142,16 @@ pub struct DeviceCounters {
     pub ports: Vec<(String, Counters)>,
 }
 
+/// The counters of a device without parts.
+impl From<Counters> for DeviceCounters {
+    fn from(counters: Counters) -> Self {
+        DeviceCounters {
+            counters,
+            ports: Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
     #[error("the driver set up {got} queues, the device needs {expected}")]
@@ -166,8 +176,9 @@ pub trait VirtioDevice: MutEventSubscriber + Send {
     fn set_acked_features(&mut self, features: u64);
     /// Device-specific configuration space; out-of-range bytes read as zero.
     fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// Writes to the configuration space; read-only fields ignore writes.
-    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Writes to the configuration space; read-only fields ignore writes. The default is a
+    /// configuration space that is read-only throughout.
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     /// DRIVER_OK: takes the queues. Called on a vCPU thread: store, signal, return.
     fn activate(
         &mut self,

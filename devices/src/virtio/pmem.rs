@@ -162,15 +162,7 @@ impl Pmem {
                 }
             }
         }
-        if served > 0 {
-            active.notify_used("virtio-pmem");
-        }
-        let exhausted = served == MAX_REQUESTS_PER_WAKE && active.has_more();
-        if exhausted {
-            // Come back on the next turn of the loop for the rest.
-            let _ = active.notify.rewake();
-        }
-        exhausted
+        active.end_pass("virtio-pmem", served > 0, served == MAX_REQUESTS_PER_WAKE)
     }
 }
 
@@ -194,12 +186,10 @@ impl VirtioDevice for Pmem {
     /// No feature changes what the device does.
     fn set_acked_features(&mut self, _features: u64) {}
 
+    /// Read-only (the default `write_config`).
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         super::read_config_bytes(&self.config, offset, data);
     }
-
-    /// The configuration space is read-only.
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
     fn activate(
         &mut self,
@@ -216,22 +206,20 @@ impl VirtioDevice for Pmem {
     }
 
     fn counters(&self) -> DeviceCounters {
-        DeviceCounters {
-            counters: vec![
-                ("flushes", self.flushes),
-                ("syncs", self.syncs),
-                ("flush_errors", self.flush_errors.count()),
-                ("bad_requests", self.bad_requests),
-            ],
-            ports: Vec::new(),
-        }
+        vec![
+            ("flushes", self.flushes),
+            ("syncs", self.syncs),
+            ("flush_errors", self.flush_errors.count()),
+            ("bad_requests", self.bad_requests),
+        ]
+        .into()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::test_util::{desc, used, CountingInterrupt};
+    use crate::virtio::test_util::{activate_on_mock, desc, used, CountingInterrupt};
     use crate::virtio::QueueNotify;
     use std::sync::atomic::Ordering;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -258,16 +246,8 @@ mod tests {
         let mock = MockSplitQueue::new(mem, queue_size);
         mock.add_desc_chains(descs, 0).unwrap();
         let mut pmem = Pmem::new(1 << 32, 64 << 20, file).unwrap();
-        let interrupt = Arc::new(CountingInterrupt::default());
-        pmem.activate(
-            mem.clone(),
-            interrupt.clone(),
-            vec![ActivatedQueue {
-                queue: mock.create_queue().unwrap(),
-                notify: Arc::new(QueueNotify::new().unwrap()),
-            }],
-        )
-        .unwrap();
+        let notify = Arc::new(QueueNotify::new().unwrap());
+        let interrupt = activate_on_mock(&mut pmem, mem, &mock, notify);
         (pmem, mem.clone(), mock, interrupt)
     }
 

@@ -111,7 +111,6 @@ impl Rng {
         };
         let mut used_any = false;
         let mut budget = MAX_BYTES_PER_WAKE;
-        let mut exhausted = false;
         // VIRTIO_RING_F_INDIRECT_DESC is not offered, so never negotiated.
         while let Some(chain) = pop_chain(&mut active.queue, &active.mem, false) {
             let head = chain.head_index();
@@ -130,18 +129,10 @@ impl Rng {
             self.bytes_served += u64::from(written);
             budget = budget.saturating_sub(u64::from(written).max(1));
             if budget == 0 {
-                exhausted = active.has_more();
                 break;
             }
         }
-        if used_any {
-            active.notify_used("virtio-rng");
-        }
-        if exhausted {
-            // Come back on the next turn of the loop for the rest.
-            let _ = active.notify.rewake();
-        }
-        exhausted
+        active.end_pass("virtio-rng", used_any, budget == 0)
     }
 }
 
@@ -167,8 +158,6 @@ impl VirtioDevice for Rng {
         data.fill(0);
     }
 
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
@@ -184,20 +173,18 @@ impl VirtioDevice for Rng {
     }
 
     fn counters(&self) -> DeviceCounters {
-        DeviceCounters {
-            counters: vec![
-                ("bytes_served", self.bytes_served),
-                ("read_errors", self.read_errors.count()),
-            ],
-            ports: Vec::new(),
-        }
+        vec![
+            ("bytes_served", self.bytes_served),
+            ("read_errors", self.read_errors.count()),
+        ]
+        .into()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::test_util::{desc, used, CountingInterrupt};
+    use crate::virtio::test_util::{activate_on_mock, desc, used, CountingInterrupt};
     use crate::virtio::QueueNotify;
     use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
     use std::sync::atomic::Ordering;
@@ -223,16 +210,8 @@ mod tests {
     ) -> (Rng, Arc<CountingInterrupt>) {
         mock.add_desc_chains(descs, 0).unwrap();
         let mut rng = Rng::new(Path::new(DEFAULT_SOURCE)).unwrap();
-        let interrupt = Arc::new(CountingInterrupt::default());
-        rng.activate(
-            mem.clone(),
-            interrupt.clone(),
-            vec![ActivatedQueue {
-                queue: mock.create_queue().unwrap(),
-                notify: Arc::new(QueueNotify::new().unwrap()),
-            }],
-        )
-        .unwrap();
+        let notify = Arc::new(QueueNotify::new().unwrap());
+        let interrupt = activate_on_mock(&mut rng, mem, mock, notify);
         (rng, interrupt)
     }
 
@@ -431,18 +410,7 @@ mod tests {
         mock.add_desc_chains(&[desc(DATA, 32, VRING_DESC_F_WRITE, 0)], 0)
             .unwrap();
         let notify = Arc::new(QueueNotify::new().unwrap());
-        let interrupt = Arc::new(CountingInterrupt::default());
-        rng.lock()
-            .unwrap()
-            .activate(
-                mem.clone(),
-                interrupt.clone(),
-                vec![ActivatedQueue {
-                    queue: mock.create_queue().unwrap(),
-                    notify: notify.clone(),
-                }],
-            )
-            .unwrap();
+        let interrupt = activate_on_mock(&mut *rng.lock().unwrap(), &mem, &mock, notify.clone());
         manager.run_with_timeout(1000).unwrap();
         assert_eq!(mock.used().idx().load(), 1, "served on activation");
         // A kick through the notify eventfd.

@@ -32,6 +32,20 @@ impl ActiveQueue {
         }
     }
 
+    /// Ends a pass over the queue: interrupts the driver if the pass `used` buffers, and if it
+    /// stopped at its budget with buffers left, wakes the device for the rest on the event
+    /// loop's next turn (so other devices get theirs in between). Returns whether it did.
+    pub fn end_pass(&mut self, device: &str, used: bool, budget_spent: bool) -> bool {
+        if used {
+            self.notify_used(device);
+        }
+        let exhausted = budget_spent && self.has_more();
+        if exhausted {
+            let _ = self.notify.rewake();
+        }
+        exhausted
+    }
+
     /// Whether the driver posted buffers we have not taken yet.
     pub fn has_more(&self) -> bool {
         self.queue

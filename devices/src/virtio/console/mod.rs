@@ -1190,15 +1190,7 @@ impl VirtioDevice for Console {
         let mut config = [0u8; CONFIG_SIZE];
         // cols and rows stay 0 (no size); emerg_wr reads as 0.
         config[4..8].copy_from_slice(&self.max_nr_ports().to_le_bytes());
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if start >= CONFIG_SIZE {
-            return;
-        }
-        let n = (CONFIG_SIZE - start).min(data.len());
-        data[..n].copy_from_slice(&config[start..start + n]);
+        super::read_config_bytes(&config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

@@ -51,8 +51,8 @@ fn slot_addr(q: usize, slot: u16) -> u64 {
 }
 
 /// The driver side of every queue.
-struct Driver<'a> {
-    mem: &'a GuestMemoryMmap,
+struct Driver {
+    mem: GuestMemoryMmap,
     count: usize,
     kicks: Vec<Arc<QueueNotify>>,
     /// Free descriptor indices per queue.
@@ -65,15 +65,15 @@ struct Driver<'a> {
     heads: HashMap<(usize, u16), u64>,
 }
 
-impl<'a> Driver<'a> {
-    fn new(mem: &'a GuestMemoryMmap, count: usize) -> Self {
+impl Driver {
+    fn new(mem: &GuestMemoryMmap, count: usize) -> Self {
         for q in 0..count {
             let (_, avail, used) = ring_addrs(q);
             mem.write_obj(0u32, GuestAddress(avail)).unwrap();
             mem.write_obj(0u32, GuestAddress(used)).unwrap();
         }
         Driver {
-            mem,
+            mem: mem.clone(),
             count,
             kicks: Vec::new(),
             free: vec![(0..QUEUE_LEN).rev().collect(); count],
@@ -339,6 +339,14 @@ impl Drop for Harness {
     }
 }
 
+/// A device with the ports `names`, activated by a driver that finished the handshake.
+fn started(console: ConsoleOutput, names: &[&str]) -> (Harness, Driver) {
+    let mut h = Harness::new(console, names);
+    let mut driver = Driver::new(&memory(), queue_count(names.len()));
+    h.handshake(&mut driver);
+    (h, driver)
+}
+
 fn events(messages: &[(Control, Vec<u8>)]) -> Vec<(u32, u16, u16)> {
     messages
         .iter()
@@ -508,10 +516,7 @@ fn pattern(len: usize) -> Vec<u8> {
 
 #[test]
 fn host_to_guest_waits_for_the_guest_and_keeps_order() {
-    let mut h = Harness::new(ConsoleOutput::Off, &["agent"]);
-    let mem = memory();
-    let mut driver = Driver::new(&mem, queue_count(1));
-    h.handshake(&mut driver);
+    let (mut h, mut driver) = started(ConsoleOutput::Off, &["agent"]);
     let mut client = h.connect("agent");
     driver.control_messages();
 
@@ -569,10 +574,7 @@ fn host_to_guest_waits_for_the_guest_and_keeps_order() {
 
 #[test]
 fn host_bytes_sent_before_hangup_reach_the_guest_first() {
-    let mut h = Harness::new(ConsoleOutput::Off, &["agent"]);
-    let mem = memory();
-    let mut driver = Driver::new(&mem, queue_count(1));
-    h.handshake(&mut driver);
+    let (mut h, mut driver) = started(ConsoleOutput::Off, &["agent"]);
     driver.send_control(1, control::PORT_OPEN, 1);
     let mut client = h.connect("agent");
     driver.control_messages();
@@ -608,10 +610,7 @@ fn host_bytes_sent_before_hangup_reach_the_guest_first() {
 
 #[test]
 fn guest_close_pauses_reading_without_loss() {
-    let mut h = Harness::new(ConsoleOutput::Off, &["agent"]);
-    let mem = memory();
-    let mut driver = Driver::new(&mem, queue_count(1));
-    h.handshake(&mut driver);
+    let (mut h, mut driver) = started(ConsoleOutput::Off, &["agent"]);
     driver.send_control(1, control::PORT_OPEN, 1);
     let mut client = h.connect("agent");
     let rx = rx_queue(1);
@@ -639,10 +638,7 @@ fn guest_close_pauses_reading_without_loss() {
 
 #[test]
 fn guest_to_host_with_back_pressure() {
-    let mut h = Harness::new(ConsoleOutput::Off, &["agent"]);
-    let mem = memory();
-    let mut driver = Driver::new(&mem, queue_count(1));
-    h.handshake(&mut driver);
+    let (mut h, mut driver) = started(ConsoleOutput::Off, &["agent"]);
     let mut client = h.connect("agent");
     driver.control_messages();
 
@@ -683,10 +679,7 @@ fn guest_to_host_with_back_pressure() {
 
 #[test]
 fn guest_output_without_client_is_consumed() {
-    let mut h = Harness::new(ConsoleOutput::Off, &["agent"]);
-    let mem = memory();
-    let mut driver = Driver::new(&mem, queue_count(1));
-    h.handshake(&mut driver);
+    let (mut h, mut driver) = started(ConsoleOutput::Off, &["agent"]);
     let tx = tx_queue(1);
     driver.post_tx(tx, b"nobody hears this");
     driver.kick(tx);
@@ -722,10 +715,7 @@ fn port_counters(h: &Harness, port: &str) -> [u64; 3] {
 
 #[test]
 fn console_output_is_dropped_without_listener() {
-    let mut h = Harness::new(ConsoleOutput::Socket("console.sock".into()), &[]);
-    let mem = memory();
-    let mut driver = Driver::new(&mem, queue_count(0));
-    h.handshake(&mut driver);
+    let (mut h, mut driver) = started(ConsoleOutput::Socket("console.sock".into()), &[]);
     let tx = tx_queue(0);
     // Much more than any buffer: the guest never waits.
     for _ in 0..QUEUE_LEN {
@@ -764,10 +754,7 @@ fn console_output_is_dropped_without_listener() {
 
 #[test]
 fn console_output_to_file() {
-    let mut h = Harness::new(ConsoleOutput::File("hvc0.log".into()), &[]);
-    let mem = memory();
-    let mut driver = Driver::new(&mem, queue_count(0));
-    h.handshake(&mut driver);
+    let (mut h, mut driver) = started(ConsoleOutput::File("hvc0.log".into()), &[]);
     driver.post_tx(tx_queue(0), b"Linux version 6.x\n");
     driver.kick(tx_queue(0));
     h.pump();
@@ -817,10 +804,7 @@ fn malformed_control_messages_are_ignored() {
 
 #[test]
 fn malicious_chains_break_nothing() {
-    let mut h = Harness::new(ConsoleOutput::Off, &["agent"]);
-    let mem = memory();
-    let mut driver = Driver::new(&mem, queue_count(1));
-    h.handshake(&mut driver);
+    let (mut h, mut driver) = started(ConsoleOutput::Off, &["agent"]);
     driver.send_control(1, control::PORT_OPEN, 1);
     let mut client = h.connect("agent");
     driver.control_messages();
@@ -867,10 +851,7 @@ fn malicious_chains_break_nothing() {
 
 #[test]
 fn random_garbage_on_every_queue() {
-    let mut h = Harness::new(ConsoleOutput::Socket("console.sock".into()), &["agent"]);
-    let mem = memory();
-    let mut driver = Driver::new(&mem, queue_count(1));
-    h.handshake(&mut driver);
+    let (mut h, mut driver) = started(ConsoleOutput::Socket("console.sock".into()), &["agent"]);
     driver.send_control(1, control::PORT_OPEN, 1);
     let mut client = h.connect("agent");
     let _console = UnixStream::connect(h.dir.join("console.sock")).unwrap();
@@ -917,8 +898,10 @@ fn random_garbage_on_every_queue() {
     // An avail index far ahead of the ring is refused by virtio-queue, every time.
     for q in 0..queue_count(1) {
         let avail = ring_addrs(q).1;
-        let idx: u16 = mem.read_obj(GuestAddress(avail + 2)).unwrap();
-        mem.write_obj(idx.wrapping_add(1000), GuestAddress(avail + 2))
+        let idx: u16 = driver.mem.read_obj(GuestAddress(avail + 2)).unwrap();
+        driver
+            .mem
+            .write_obj(idx.wrapping_add(1000), GuestAddress(avail + 2))
             .unwrap();
         driver.kick(q);
     }
@@ -927,7 +910,7 @@ fn random_garbage_on_every_queue() {
     drop(client);
     assert!(h.dev().reset());
     h.pump();
-    let mut driver = Driver::new(&mem, queue_count(1));
+    let mut driver = Driver::new(&driver.mem, queue_count(1));
     let messages = h.handshake(&mut driver);
     assert_eq!(
         events(&messages)[..2],
@@ -937,10 +920,7 @@ fn random_garbage_on_every_queue() {
 
 #[test]
 fn reset_then_reactivate() {
-    let mut h = Harness::new(ConsoleOutput::Off, &["agent"]);
-    let mem = memory();
-    let mut driver = Driver::new(&mem, queue_count(1));
-    h.handshake(&mut driver);
+    let (mut h, mut driver) = started(ConsoleOutput::Off, &["agent"]);
     let _client = h.connect("agent");
     driver.control_messages();
     assert!(h.dev().reset());
@@ -949,7 +929,7 @@ fn reset_then_reactivate() {
     assert!(!h.dev().ports[1].guest_ready);
 
     // A fresh driver session gets the whole handshake again, with the client announced.
-    let mut driver = Driver::new(&mem, queue_count(1));
+    let mut driver = Driver::new(&driver.mem, queue_count(1));
     let messages = h.handshake(&mut driver);
     assert_eq!(
         events(&messages),
@@ -1047,10 +1027,7 @@ fn thread_cpu_time() -> std::time::Duration {
 #[ignore]
 fn console_throughput() {
     const TOTAL: usize = 64 << 20;
-    let mut h = Harness::new(ConsoleOutput::Off, &["agent"]);
-    let mem = memory();
-    let mut driver = Driver::new(&mem, queue_count(1));
-    h.handshake(&mut driver);
+    let (mut h, mut driver) = started(ConsoleOutput::Off, &["agent"]);
     driver.send_control(1, control::PORT_OPEN, 1);
     let client = h.connect("agent");
     driver.control_messages();

@@ -319,10 +319,7 @@ impl VirtioDevice for Net {
     }
 
     fn counters(&self) -> DeviceCounters {
-        DeviceCounters {
-            counters: self.shared.stats.counters(),
-            ports: Vec::new(),
-        }
+        self.shared.stats.counters().into()
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -337,22 +334,15 @@ impl VirtioDevice for Net {
         self.acked_features = features & self.avail_features;
     }
 
+    /// Read-only: the MAC is set through the control queue (CTRL_MAC_ADDR), so the default
+    /// `write_config` (writes ignored) serves.
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let mut config = [0u8; CONFIG_LEN];
         config[..6].copy_from_slice(&self.mac());
         config[6..8].copy_from_slice(&self.shared.status.load(Ordering::Acquire).to_le_bytes());
         config[8..10].copy_from_slice(&self.pairs.to_le_bytes());
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| config.get(o).copied())
-                .unwrap_or(0);
-        }
+        crate::virtio::read_config_bytes(&config, offset, data);
     }
-
-    /// The MAC is set through the control queue (CTRL_MAC_ADDR); config writes are ignored.
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
     fn activate(
         &mut self,

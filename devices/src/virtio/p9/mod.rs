@@ -539,10 +539,7 @@ impl VirtioDevice for P9 {
     }
 
     fn counters(&self) -> DeviceCounters {
-        DeviceCounters {
-            counters: self.shared.stats.counters(),
-            ports: Vec::new(),
-        }
+        self.shared.stats.counters().into()
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -562,12 +559,10 @@ impl VirtioDevice for P9 {
         self.acked_features = features;
     }
 
+    /// Read-only (the default `write_config`).
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         super::read_config_bytes(&self.config, offset, data);
     }
-
-    /// The configuration space is read-only.
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
     fn activate(
         &mut self,

@@ -11,6 +11,15 @@ use ::tests::Vm;
 
 use super::*;
 
+/// What a guest benchmark runs: the systems `guest` names, booting the bench initramfs
+/// (`bench_initramfs`) with `cmdline`. microvm has PCI only with its PCIe host, and chapeau's
+/// virtio devices are on PCI.
+pub(crate) fn prepare_bench_guest(guest: &GuestFlags, cmdline: &str) -> Result<Setup, String> {
+    let mut setup = prepare(&guest.guest_dir, &guest.systems, cmdline, "microvm,pcie=on")?;
+    setup.initramfs = bench_initramfs(&setup.initramfs)?;
+    Ok(setup)
+}
+
 /// target/bench-guest/initramfs.cpio: the test initramfs followed by a second newc archive with
 /// resources/guest/init.sh as /init and guest-bench.c (built static) as /bin/guest-bench. The
 /// kernel unpacks both in order, later entries replacing earlier ones, so a guest built before

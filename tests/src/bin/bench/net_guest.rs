@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use ::tests::netns::Netns;
 
 use super::guest::{
-    all_ran, bench_initramfs, boot, columns, each_system, host_kind, in_netns, print_table,
+    all_ran, boot, columns, each_system, host_kind, in_netns, prepare_bench_guest, print_table,
     vmm_cpu_ms,
 };
 use super::*;
@@ -62,14 +62,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), Failure> {
     })
     .map_err(Failure::Usage)?;
     let cmdline = format!("console=ttyS0 reboot=k panic=1 test=netbench guest_ip={GUEST_IP}");
-    // microvm has PCI only with its PCIe host; chapeau's virtio-net is on PCI too.
-    let mut setup = prepare(
-        &opts.guest.guest_dir,
-        &opts.guest.systems,
-        &cmdline,
-        "microvm,pcie=on",
-    )?;
-    setup.initramfs = bench_initramfs(&setup.initramfs)?;
+    let setup = prepare_bench_guest(&opts.guest, &cmdline)?;
     println!(
         "net-guest benchmark: {} MiB each way, {} round trips of 1 byte, 1 vCPU, {MEMORY_MIB} \
          MiB, tap with vnet_hdr in a private namespace, vhost off, host {}",

@@ -15,7 +15,7 @@
 use std::time::Duration;
 
 use super::guest::{
-    all_ran, bench_initramfs, boot, columns, each_system, host_kind, print_table, vmm_cpu_ms,
+    all_ran, boot, columns, each_system, host_kind, prepare_bench_guest, print_table, vmm_cpu_ms,
 };
 use super::*;
 
@@ -57,13 +57,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), Failure> {
         "console=ttyS0 reboot=k panic=1 test=9p-bench bench_mib={} bench_files={}",
         opts.mib, opts.files
     );
-    let mut setup = prepare(
-        &opts.guest.guest_dir,
-        &opts.guest.systems,
-        &cmdline,
-        "microvm,pcie=on",
-    )?;
-    setup.initramfs = bench_initramfs(&setup.initramfs)?;
+    let setup = prepare_bench_guest(&opts.guest, &cmdline)?;
     let export = ::tests::scratch_dir().join("bench-p9-guest");
     println!(
         "p9-guest benchmark: {} MiB written and read in 1 MiB calls, {} small files, on {} \
