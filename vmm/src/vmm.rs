@@ -525,8 +525,18 @@ impl Vmm {
             _terminal: terminal,
         });
         self.state = VmState::Running;
-        pit.map_err(|e| internal(&e))?;
-        seccomp::apply(&self.filters, seccomp::VMM_THREAD).map_err(|e| internal(&e))?;
+        // The guest runs from here on: a failure now ends the VM, which must not go on with
+        // lost ticks reinjected or with this thread unfiltered.
+        let finished = pit.map_err(|e| e.to_string()).and_then(|()| {
+            seccomp::apply(&self.filters, seccomp::VMM_THREAD).map_err(|e| e.to_string())
+        });
+        if let Err(e) = finished {
+            log::error!("cannot finish starting the VM, so it ends: {e}");
+            self.end = Some(ExitReason::Crashed);
+            return Err(RequestError::Internal(format!(
+                "cannot finish starting the VM, so it ends: {e}"
+            )));
+        }
         #[cfg(feature = "forbidden-syscall-test")]
         crate::test_hooks::after_start();
         Ok(VmmResponse::Empty)
